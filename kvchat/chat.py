@@ -1,0 +1,126 @@
+"""Messages -> token ids with the model's own chat template, and the shareable system prefix.
+
+The engine speaks token ids; this module is where text becomes ids. Everything a user can get
+wrong about a conversation is checked here and reported as `InputError`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+from kvchat.errors import InputError
+
+ROLES = ("system", "user", "assistant")
+Message = dict[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class Prompt:
+    token_ids: list[int]  # the whole conversation plus the assistant-turn header
+    prefix_len: int  # leading ids that render the system prompt alone (shareable); 0 if none
+
+
+def normalise(messages: Sequence[Mapping[str, Any]]) -> list[Message]:
+    """Validate a conversation and flatten content to text.
+
+    Browsers send content as a list of parts (`[{"type": "text", "text": ...}]`), API clients as a
+    string; both become a string. The conversation must end with a user message.
+    """
+    if not isinstance(messages, Sequence) or isinstance(messages, (str, bytes)) or not messages:
+        raise InputError("the conversation is empty: send at least one user message")
+    result: list[Message] = []
+    for index, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            raise InputError(f"message {index} is not a {{'role', 'content'}} mapping")
+        role = message.get("role")
+        if role not in ROLES:
+            raise InputError(f"message {index} has role {role!r}; use one of {', '.join(ROLES)}")
+        if role == "system" and index != 0:
+            raise InputError("only the first message may be the system prompt")
+        result.append({"role": role, "content": _text_of(message.get("content"), index)})
+    if result[-1]["role"] != "user":
+        raise InputError("the conversation must end with a user message")
+    if not result[-1]["content"].strip():
+        raise InputError("the message is empty: type something to send")
+    return result
+
+
+def _text_of(content: Any, index: int) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        text = content
+    elif isinstance(content, Sequence):
+        parts = [part.get("text", "") if isinstance(part, Mapping) else str(part) for part in content]
+        text = "".join(p for p in parts if isinstance(p, str))
+    else:
+        raise InputError(f"message {index} has content of type {type(content).__name__}; send text")
+    # Lone surrogates cannot be encoded (a browser can send them); replace rather than fail.
+    return text.encode("utf-8", errors="replace").decode("utf-8")
+
+
+class ChatTemplate:
+    """Renders conversations to token ids and finds the system-prompt prefix."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        if not getattr(tokenizer, "chat_template", None):
+            raise InputError("the tokenizer has no chat template; kvchat needs an instruct/chat model")
+        self.tokenizer = tokenizer
+
+    @property
+    def template_text(self) -> str:
+        return str(self.tokenizer.chat_template)
+
+    def encode(self, messages: Sequence[Mapping[str, Any]]) -> Prompt:
+        conversation = normalise(messages)
+        token_ids = self._ids(conversation, add_generation_prompt=True)
+        return Prompt(token_ids=token_ids, prefix_len=self._system_prefix_len(conversation, token_ids))
+
+    def _ids(self, conversation: list[Message], add_generation_prompt: bool) -> list[int]:
+        text = self.tokenizer.apply_chat_template(
+            conversation, add_generation_prompt=add_generation_prompt, tokenize=False
+        )
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _system_prefix_len(self, conversation: list[Message], token_ids: list[int]) -> int:
+        """Length of the system prompt rendered alone, when the full render starts with exactly it.
+
+        Templates that weave the system prompt into the first user turn fail the check and share
+        nothing, which is safe.
+        """
+        if conversation[0]["role"] != "system":
+            return 0
+        system_ids = self._ids(conversation[:1], add_generation_prompt=False)
+        if len(system_ids) < len(token_ids) and token_ids[: len(system_ids)] == system_ids:
+            return len(system_ids)
+        return 0
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+
+class TextStream:
+    """Turns generated ids into text pieces, holding back incomplete UTF-8 sequences."""
+
+    def __init__(self, template: ChatTemplate) -> None:
+        self._template = template
+        self.token_ids: list[int] = []
+        self.text = ""
+
+    def push(self, token_id: int) -> str:
+        """Add one token; returns the new text it completes (may be empty)."""
+        self.token_ids.append(token_id)
+        text = self._template.decode(self.token_ids)
+        if text.endswith("\ufffd"):  # a multi-byte character is still incomplete
+            return ""
+        piece, self.text = text[len(self.text) :], text
+        return piece
+
+    def flush(self) -> str:
+        text = self._template.decode(self.token_ids)
+        piece, self.text = text[len(self.text) :], text
+        return piece

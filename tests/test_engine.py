@@ -1,0 +1,217 @@
+"""Engine behaviour on a tiny random Llama (fast); the same checks on the real model live in
+test_engine_bundled.py."""
+
+import itertools
+
+import pytest
+
+from conftest import greedy_baseline
+from kvchat import Engine, GenerationError, InputError
+from kvchat import engine as engine_module
+from kvchat import hf_cache
+from kvchat.prefix import PrefixKey
+from kvchat.usage_log import UsageLog
+
+SYSTEM = {"role": "system", "content": "You answer questions about the solar system. " * 8}
+NEW = 12
+
+
+def user(text):
+    return {"role": "user", "content": text}
+
+
+def grow(messages, reply, question):
+    return messages + [{"role": "assistant", "content": reply}, user(question)]
+
+
+def test_multi_turn_replies_equal_plain_generate_and_follow_ups_prefill_less(tiny_engine, tiny_loaded):
+    messages = [SYSTEM, user("What is the largest planet?")]
+    for turn, question in enumerate(["And the smallest?", "Which has rings?", "Thanks!"]):
+        reply = tiny_engine.chat("alice", messages, max_new_tokens=NEW)
+        assert reply.text == greedy_baseline(tiny_loaded, tiny_engine, messages, NEW)
+        usage = reply.usage
+        if turn == 0:
+            assert usage.cache_source == "none" and usage.cached_tokens == 0
+        else:
+            assert usage.cache_source == "session"
+            assert usage.prefilled_tokens < 25 < usage.cached_tokens  # only the new turn is prefilled
+        messages = grow(messages, reply.text, question)
+
+
+def test_second_session_starts_from_the_shared_system_prefix(tiny_engine, tiny_loaded):
+    first = tiny_engine.chat("alice", [SYSTEM, user("Tell me about Mars.")], max_new_tokens=NEW)
+    messages = [SYSTEM, user("Tell me about Venus.")]
+    second = tiny_engine.chat("bob", messages, max_new_tokens=NEW)
+    prefix_len = tiny_engine._template.encode(messages).prefix_len
+    assert first.usage.cached_tokens == 0
+    assert second.usage.cache_source == "prefix"
+    assert second.usage.cached_tokens == prefix_len > 50
+    assert second.text == greedy_baseline(tiny_loaded, tiny_engine, messages, NEW)
+
+
+def test_private_turns_never_reach_another_session(tiny_engine):
+    secret = [SYSTEM, user("My password is hunter2, remember it.")]
+    tiny_engine.chat("alice", secret, max_new_tokens=NEW)
+    other = tiny_engine.chat("bob", secret, max_new_tokens=NEW)  # same text, other session
+    assert other.usage.cache_source == "prefix"
+    assert other.usage.cached_tokens == tiny_engine._template.encode(secret).prefix_len
+
+
+def test_edit_and_retry_crop_the_session_cache_and_stay_exact(tiny_engine, tiny_loaded):
+    messages = [SYSTEM, user("Name a moon of Jupiter.")]
+    first = tiny_engine.chat("alice", messages, max_new_tokens=NEW)
+    messages = grow(messages, first.text, "How big is it?")
+    tiny_engine.chat("alice", messages, max_new_tokens=NEW)
+    retry = tiny_engine.chat("alice", messages, max_new_tokens=NEW)  # regenerate the last turn
+    assert retry.usage.cached_tokens == retry.usage.prompt_tokens - 1  # everything but the last token
+    edited = [SYSTEM, user("Name a moon of Saturn.")]  # edit the first user message
+    reply = tiny_engine.chat("alice", edited, max_new_tokens=NEW)
+    ids = tiny_engine._template.encode(edited).token_ids
+    old = tiny_engine._template.encode(messages).token_ids
+    expected = next(i for i, (a, b) in enumerate(zip(ids, old)) if a != b)
+    assert reply.usage.cache_source == "session"
+    assert reply.usage.cached_tokens == expected  # kept up to where the conversation changed
+    assert reply.text == greedy_baseline(tiny_loaded, tiny_engine, edited, NEW)
+
+
+def test_budget_holds_after_every_request_and_evicted_sessions_still_answer(tiny_loaded, usage_db):
+    per_session = hf_cache.kv_nbytes(_filled_cache(tiny_loaded, 300))
+    engine = Engine(tiny_loaded, cache_budget_bytes=int(per_session * 3.5), usage_log=UsageLog(usage_db))
+    conversations = {f"s{i}": [SYSTEM, user(f"Question number {i} about comets?")] for i in range(8)}
+    for name, messages in itertools.chain(conversations.items(), conversations.items()):
+        reply = engine.chat(name, messages, max_new_tokens=NEW)
+        stats = engine.stats()
+        assert stats.used_bytes <= stats.budget_bytes
+        assert stats.used_bytes == sum(e.nbytes for e in stats.entries)
+        assert reply.text == greedy_baseline(tiny_loaded, engine, messages, NEW)
+    assert engine.stats().evictions > 0
+    engine.close()
+
+
+def test_request_bigger_than_the_whole_budget_still_answers(tiny_loaded):
+    engine = Engine(tiny_loaded, cache_budget_bytes=1024, usage_log=None)
+    messages = [SYSTEM, user("Hello?")]
+    reply = engine.chat("alice", messages, max_new_tokens=NEW)
+    assert reply.text == greedy_baseline(tiny_loaded, engine, messages, NEW)
+    assert engine.stats().used_bytes == 0
+    assert reply.usage.evictions >= 1  # its own cache could not be kept
+
+
+def test_cached_bytes_are_the_real_tensor_bytes(tiny_engine, tiny_loaded):
+    tiny_engine.chat("alice", [user("Hi")], max_new_tokens=NEW)
+    entry = tiny_engine.stats().entries[0]
+    cache = tiny_engine._store.checkout_session("alice").cache
+    real = sum(t.untyped_storage().nbytes() for layer in cache.layers for t in (layer._kbuf, layer._vbuf))
+    assert entry.nbytes == real > 0
+
+
+def test_hash_collision_never_serves_wrong_kv(tiny_engine, tiny_loaded, monkeypatch):
+    monkeypatch.setattr(engine_module, "prefix_key", lambda *args, **kwargs: PrefixKey("prefix:collide"))
+    tiny_engine.chat("alice", [SYSTEM, user("Hi")], max_new_tokens=NEW)
+    other = [{"role": "system", "content": "A different system prompt entirely."}, user("Hi")]
+    reply = tiny_engine.chat("bob", other, max_new_tokens=NEW)
+    assert reply.usage.cache_source == "none"
+    assert tiny_engine.stats().collisions == 1
+    assert reply.text == greedy_baseline(tiny_loaded, tiny_engine, other, NEW)
+
+
+def test_prefix_salt_scopes_sharing(tiny_loaded):
+    a = Engine(tiny_loaded, cache_budget_bytes=2**26, prefix_salt="team-a")
+    a.chat("alice", [SYSTEM, user("Hi")], max_new_tokens=2)
+    key_a = next(e.key for e in a.stats().entries if e.kind == "prefix")
+    b = Engine(tiny_loaded, cache_budget_bytes=2**26, prefix_salt="team-b")
+    b.chat("bob", [SYSTEM, user("Hi")], max_new_tokens=2)
+    assert key_a != next(e.key for e in b.stats().entries if e.kind == "prefix")
+
+
+def test_stop_mid_reply_cancels_the_backend_and_the_session_stays_exact(tiny_engine, tiny_loaded):
+    messages = [SYSTEM, user("Count to one hundred.")]
+    generation = tiny_engine.stream("alice", messages, max_new_tokens=200)
+    for _ in generation:
+        break  # the consumer leaves: a Stop button or a closed tab
+    usage = generation.wait(timeout=30)
+    assert usage.finish_reason == "cancelled"
+    assert usage.new_tokens < 200
+    stats = tiny_engine.stats()
+    assert not stats.busy and not any(e.pinned for e in stats.entries)
+    follow = grow(messages, generation.text, "Go on.")
+    reply = tiny_engine.chat("alice", follow, max_new_tokens=NEW)
+    assert reply.usage.cache_source == "session"
+    assert reply.text == greedy_baseline(tiny_loaded, tiny_engine, follow, NEW)
+
+
+def test_failing_forward_reports_error_then_the_session_recovers(tiny_engine, tiny_loaded, monkeypatch):
+    messages = [SYSTEM, user("Hello there")]
+    tiny_engine.chat("alice", messages, max_new_tokens=NEW)
+    real_forward, calls = tiny_engine._forward, itertools.count()
+
+    def flaky(cache, token_ids):
+        if next(calls) == 3:
+            raise RuntimeError("injected fault")
+        return real_forward(cache, token_ids)
+
+    monkeypatch.setattr(tiny_engine, "_forward", flaky)
+    follow = grow(messages, "ok", "What next?")
+    with pytest.raises(GenerationError, match="injected fault") as failure:
+        tiny_engine.chat("alice", follow, max_new_tokens=NEW)
+    assert failure.value.usage.finish_reason == "error"
+    assert not tiny_engine._store.has_session("alice")  # the half-written cache was dropped
+    monkeypatch.setattr(tiny_engine, "_forward", real_forward)
+    reply = tiny_engine.chat("alice", follow, max_new_tokens=NEW)
+    assert reply.text == greedy_baseline(tiny_loaded, tiny_engine, follow, NEW)
+
+
+@pytest.mark.parametrize(
+    ("messages", "settings", "words"),
+    [
+        ([], {}, "empty"),
+        ([user("hi"), {"role": "assistant", "content": "yo"}], {}, "end with a user"),
+        ([{"role": "robot", "content": "x"}], {}, "role"),
+        ([user("hi")], {"temperature": -1}, "temperature"),
+        ([user("hi")], {"top_p": 0}, "top-p"),
+        ([user("hi")], {"top_p": 1.5}, "top-p"),
+        ([user("hi")], {"max_new_tokens": 0}, "max new tokens"),
+        ([user("hi")], {"max_new_tokens": 10**6}, "max new tokens"),
+        ([user("word " * 2000)], {}, "context holds 1024"),
+    ],
+)  # fmt: skip
+def test_bad_input_raises_a_clear_input_error_and_nothing_changes(tiny_engine, messages, settings, words):
+    with pytest.raises(InputError, match=words):
+        tiny_engine.stream("alice", messages, **settings)
+    assert tiny_engine.stats().requests == 0
+
+
+def test_end_session_frees_its_bytes_but_keeps_the_shared_prefix(tiny_engine):
+    tiny_engine.chat("alice", [SYSTEM, user("Hi")], max_new_tokens=NEW)
+    assert tiny_engine.end_session("alice")
+    kinds = [e.kind for e in tiny_engine.stats().entries]
+    assert kinds == ["prefix"]
+
+
+def test_sampling_with_a_seed_is_reproducible(tiny_engine):
+    messages = [user("Write something random.")]
+    settings = {"max_new_tokens": NEW, "temperature": 0.9, "top_p": 0.9, "seed": 3}
+    assert tiny_engine.chat("a", messages, **settings).text == tiny_engine.chat("b", messages, **settings).text
+
+
+def test_every_request_is_logged_without_its_text(tiny_engine, usage_db):
+    import sqlite_utils
+
+    tiny_engine.chat("alice", [SYSTEM, user("The secret word is pineapple.")], max_new_tokens=NEW)
+    tiny_engine.chat("bob", [SYSTEM, user("Hello")], max_new_tokens=NEW)
+    assert tiny_engine.usage_log.flush()
+    rows = list(sqlite_utils.Database(usage_db)["requests"].rows)
+    assert [r["cache_source"] for r in rows] == ["none", "prefix"]
+    assert rows[1]["cached_tokens"] > 0 and rows[1]["session"] != rows[0]["session"]
+    assert all(r["user_text"] is None and r["reply_text"] is None for r in rows)
+    assert b"pineapple" not in usage_db.read_bytes()
+    assert "alice" not in {r["session"] for r in rows}  # session ids are stored hashed
+
+
+def _filled_cache(loaded, num_tokens):
+    import torch
+
+    cache = hf_cache.new_cache(loaded.model)
+    with torch.inference_mode():
+        loaded.model(input_ids=torch.ones(1, num_tokens, dtype=torch.long), cache=cache, use_cache=True)
+    return cache

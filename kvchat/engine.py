@@ -145,6 +145,15 @@ class Engine:
             pass
         return Reply(text=generation.text, usage=generation.wait())
 
+    @property
+    def eos_ids(self) -> frozenset[int]:
+        """Token ids that end a reply."""
+        return frozenset(self._eos_ids)
+
+    def encode(self, messages: Sequence[Mapping[str, Any]]) -> Prompt:
+        """The token ids a conversation renders to, and its shareable system-prefix length."""
+        return self._template.encode(messages)
+
     def end_session(self, session_id: str) -> bool:
         """Free a session's cache (a tab closed). Shared prefixes stay for other sessions."""
         return self._store.drop_session(session_id)

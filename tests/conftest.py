@@ -42,7 +42,7 @@ def tiny_loaded(tokenizer) -> models.LoadedModel:
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
         bos_token_id=1, eos_token_id=2, pad_token_id=2,
     )  # fmt: skip
     model = LlamaForCausalLM(config).eval()
@@ -71,12 +71,12 @@ def tiny_engine(tiny_loaded, usage_db: Path):
 
 def greedy_baseline(loaded: models.LoadedModel, engine: Engine, messages, max_new_tokens: int) -> str:
     """What plain `model.generate` answers on the whole conversation (the recompute baseline)."""
-    ids = engine._template.encode(messages).token_ids
+    ids = engine.encode(messages).token_ids
     out = loaded.model.generate(
         torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
         max_new_tokens=max_new_tokens, do_sample=False,
     )  # fmt: skip
     new = [t for t in out[0, len(ids) :].tolist()]
-    if new and new[-1] in engine._eos_ids:
+    if new and new[-1] in engine.eos_ids:
         new = new[:-1]
     return loaded.tokenizer.decode(new, skip_special_tokens=True)

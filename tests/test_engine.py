@@ -42,7 +42,7 @@ def test_second_session_starts_from_the_shared_system_prefix(tiny_engine, tiny_l
     first = tiny_engine.chat("alice", [SYSTEM, user("Tell me about Mars.")], max_new_tokens=NEW)
     messages = [SYSTEM, user("Tell me about Venus.")]
     second = tiny_engine.chat("bob", messages, max_new_tokens=NEW)
-    prefix_len = tiny_engine._template.encode(messages).prefix_len
+    prefix_len = tiny_engine.encode(messages).prefix_len
     assert first.usage.cached_tokens == 0
     assert second.usage.cache_source == "prefix"
     assert second.usage.cached_tokens == prefix_len > 50
@@ -54,7 +54,7 @@ def test_private_turns_never_reach_another_session(tiny_engine):
     tiny_engine.chat("alice", secret, max_new_tokens=NEW)
     other = tiny_engine.chat("bob", secret, max_new_tokens=NEW)  # same text, other session
     assert other.usage.cache_source == "prefix"
-    assert other.usage.cached_tokens == tiny_engine._template.encode(secret).prefix_len
+    assert other.usage.cached_tokens == tiny_engine.encode(secret).prefix_len
 
 
 def test_edit_and_retry_crop_the_session_cache_and_stay_exact(tiny_engine, tiny_loaded):
@@ -66,8 +66,8 @@ def test_edit_and_retry_crop_the_session_cache_and_stay_exact(tiny_engine, tiny_
     assert retry.usage.cached_tokens == retry.usage.prompt_tokens - 1  # everything but the last token
     edited = [SYSTEM, user("Name a moon of Saturn.")]  # edit the first user message
     reply = tiny_engine.chat("alice", edited, max_new_tokens=NEW)
-    ids = tiny_engine._template.encode(edited).token_ids
-    old = tiny_engine._template.encode(messages).token_ids
+    ids = tiny_engine.encode(edited).token_ids
+    old = tiny_engine.encode(messages).token_ids
     expected = next(i for i, (a, b) in enumerate(zip(ids, old)) if a != b)
     assert reply.usage.cache_source == "session"
     assert reply.usage.cached_tokens == expected  # kept up to where the conversation changed
@@ -172,7 +172,7 @@ def test_failing_forward_reports_error_then_the_session_recovers(tiny_engine, ti
         ([user("hi")], {"top_p": 1.5}, "top-p"),
         ([user("hi")], {"max_new_tokens": 0}, "max new tokens"),
         ([user("hi")], {"max_new_tokens": 10**6}, "max new tokens"),
-        ([user("word " * 2000)], {}, "context holds 1024"),
+        ([user("word " * 3000)], {}, "context holds 2048"),
     ],
 )  # fmt: skip
 def test_bad_input_raises_a_clear_input_error_and_nothing_changes(tiny_engine, messages, settings, words):

@@ -1,0 +1,137 @@
+"""`python -m kvchat.bench`: kvchat side by side with what users would run instead, in one run.
+
+See `workloads.py` for what is measured and `systems.py` for who is compared.
+"""
+
+from __future__ import annotations
+
+import platform
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from kvchat import hf_cache
+from kvchat.bench import report, systems, workloads
+from kvchat.engine import Engine
+from kvchat.models import LoadedModel
+
+PEERS = ("transformers-cb", "llama-cpp")
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    points: tuple[int, ...]  # history lengths (tokens) for the multi-turn workload
+    follow_ups: int  # kvchat follow-ups per point (and floor repeats)
+    recompute_repeats: int  # baseline and peer follow-ups per point (they are slow)
+    shared_sessions: int
+    shared_rounds: int  # each round starts from a cold store
+    new_tokens: int  # reply length for TTFT and exactness checks
+    decode_tokens: int
+    decode_repeats: int
+    pressure_sessions: int
+    pressure_exact: int  # how many second turns under pressure are checked against the baseline
+
+
+QUICK = Plan((500, 2000, 4000), 3, 2, 8, 1, 16, 32, 2, 6, 3)
+FULL = Plan((500, 1000, 2000, 4000), 5, 3, 12, 3, 16, 64, 3, 10, 10)
+
+
+def machine() -> str:
+    cpu = platform.processor() or "cpu"
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{cpu}, {torch.get_num_threads()} threads{gpu}; Python {platform.python_version()}, torch {torch.__version__}"
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def pressure_budget(loaded: LoadedModel) -> int:
+    """About three short sessions' worth of KV, measured from a real cache of the model."""
+    cache = hf_cache.new_cache(loaded.model, reserve_tokens=1)
+    with torch.inference_mode():
+        loaded.model(input_ids=torch.tensor([[1]], device=loaded.device), cache=cache, use_cache=True)
+    return int(3.5 * hf_cache.kv_nbytes(cache))
+
+
+def make_peers(engine: Engine, wanted: list[str], gguf: str | None) -> tuple[list[Any], dict[str, str]]:
+    peers, skipped = [], {}
+    for name in wanted:
+        why = systems.unavailable(name)
+        if name == "llama-cpp" and why is None and gguf is None:
+            why = "needs the bundled GGUF (run without --model)"
+        if why:
+            skipped[name] = why
+            continue
+        try:
+            peers.append(systems.ContinuousBatching(engine) if name == "transformers-cb"
+                         else systems.LlamaCpp(engine, gguf))  # fmt: skip
+        except Exception as err:  # noqa: BLE001 - a peer that cannot start is reported, not fatal
+            skipped[name] = f"failed to start: {err}"
+    return peers, skipped
+
+
+def run(loaded: LoadedModel, plan: Plan, peers: list[str], quick: bool, budget_bytes: int = 2**30,
+        gguf: str | None = None, startup: Callable[[], float | None] = lambda: None) -> dict[str, Any]:  # fmt: skip
+    """Run every workload on every system; returns what results.json holds."""
+    engine = Engine(loaded, budget_bytes)
+    peer_systems, skipped = make_peers(engine, peers, gguf)
+    planned = (len(plan.points) * (1 + 2 * plan.follow_ups + plan.recompute_repeats * (1 + len(peer_systems)))
+               + plan.shared_sessions * (plan.shared_rounds + 1 + len(peer_systems)) + 7
+               + plan.pressure_sessions * 2 + plan.pressure_exact + plan.decode_repeats * 2)  # fmt: skip
+    bar = tqdm(total=planned, desc="kvchat bench", unit="req")
+    bench = workloads.Bench(engine, systems.Kvchat(engine), systems.Recompute(engine), systems.Floor(engine),
+                            peer_systems, plan.new_tokens, tick=bar.update)  # fmt: skip
+    rss: dict[str, float] = {}
+    steps = [
+        ("multi_turn", lambda: workloads.multi_turn(bench, list(plan.points), plan.follow_ups, plan.recompute_repeats)),
+        ("shared_prefix", lambda: workloads.shared_prefix(bench, lambda: systems.Kvchat(Engine(loaded, budget_bytes)),
+                                                          plan.shared_sessions, plan.shared_rounds)),
+        ("edit_regenerate", lambda: workloads.edit_regenerate(bench)),
+        ("budget_pressure", lambda: workloads.budget_pressure(bench, lambda b: systems.Kvchat(Engine(loaded, b)),
+                                                              plan.pressure_sessions, pressure_budget(loaded),
+                                                              plan.pressure_exact)),
+        ("decode", lambda: workloads.decode_speed(bench, plan.decode_tokens, plan.decode_repeats)),
+    ]  # fmt: skip
+    for name, step in steps:
+        bar.set_postfix_str(name)
+        step()
+        rss[name] = round(peak_rss_mib(), 1)
+    bar.close()
+    for peer in peer_systems:
+        getattr(peer, "close", lambda: None)()
+    return {
+        "quick": quick, "machine": machine(), "model": loaded.name, "device": str(loaded.device),
+        "dtype": str(loaded.dtype).removeprefix("torch."), "plan": asdict(plan), "skipped": skipped,
+        "summary": report.summarize(bench.rows, list(plan.points), startup()),
+        "groups": report.groups(bench.rows), "rows": [r.as_dict() for r in bench.rows], "peak_rss_mib": rss,
+    }  # fmt: skip
+
+
+def measure_startup(model: str | None, device: str, dtype: str) -> float:
+    """Seconds from a fresh interpreter to a ready engine; the second of two starts (the first may
+    convert the bundled model)."""
+    code = (
+        "import time; t = time.perf_counter(); from kvchat import Engine; "
+        f"Engine.load(model={model!r}, device={device!r}, dtype={dtype!r}, usage_db=None); "
+        "print(time.perf_counter() - t)"
+    )
+    root = Path(__file__).resolve().parents[2]
+    seconds = 0.0
+    for _ in range(2):
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-c", code], cwd=root, check=True, capture_output=True)
+        seconds = time.perf_counter() - started
+    return seconds

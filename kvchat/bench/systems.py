@@ -1,0 +1,192 @@
+"""The systems the bench compares, behind one interface: answer a whole conversation, say how fast.
+
+- kvchat: our engine.
+- recompute: plain `model.generate` on the whole conversation every turn (the usual demo).
+- floor: a bare forward pass over only the tokens kvchat had to prefill, on a cache built
+  beforehand; what reuse costs with no engine around it.
+- transformers-cb: transformers' continuous batching (paged cache, block-hash prefix sharing),
+  with a persistent manager.
+- llama-cpp: llama-cpp-python on the same GGUF file, keeping its prompt cache (one slot).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from transformers import DynamicCache, GenerationConfig
+from transformers.generation.streamers import BaseStreamer
+
+from kvchat.engine import Engine
+
+Messages = list[dict[str, Any]]
+
+
+@dataclass(slots=True)
+class Turn:
+    text: str
+    ttft_ms: float
+    prompt_tokens: int
+    prefilled_tokens: int | None  # None where the system does not say
+    new_tokens: int
+    decode_tokens_per_s: float
+    finish_reason: str = ""  # kvchat only: "length" means the last token was never fed
+
+
+class System(Protocol):
+    name: str
+
+    def reply(self, session: str, messages: Messages, max_new_tokens: int) -> Turn: ...
+
+
+class Kvchat:
+    name = "kvchat"
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def reply(self, session: str, messages: Messages, max_new_tokens: int) -> Turn:
+        reply = self.engine.chat(session, messages, max_new_tokens=max_new_tokens)
+        u = reply.usage
+        return Turn(reply.text, u.ttft_ms, u.prompt_tokens, u.prefilled_tokens, u.new_tokens,
+                    u.decode_tokens_per_s, u.finish_reason)  # fmt: skip
+
+
+class _TokenClock(BaseStreamer):
+    """Timestamps each token `generate` emits (its first `put` is the prompt)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._seen_prompt = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if self._seen_prompt:
+            self.times.append(time.perf_counter())
+        self._seen_prompt = True
+
+    def end(self) -> None:
+        pass
+
+
+def _decode_speed(times: list[float]) -> float:
+    return (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else 0.0
+
+
+class Recompute:
+    name = "recompute"
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.model = engine.loaded.model
+        self.eos = engine.eos_ids
+
+    def reply(self, session: str, messages: Messages, max_new_tokens: int) -> Turn:
+        started = time.perf_counter()
+        ids = self.engine.encode(messages).token_ids
+        clock = _TokenClock()
+        with torch.inference_mode():
+            out = self.model.generate(
+                torch.tensor([ids], device=self.engine.device),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=self.engine.device),
+                max_new_tokens=max_new_tokens, do_sample=False, streamer=clock,
+            )  # fmt: skip
+        new = out[0, len(ids) :].tolist()
+        if new and new[-1] in self.eos:
+            new = new[:-1]
+        text = self.engine.loaded.tokenizer.decode(new, skip_special_tokens=True)
+        ttft_ms = (clock.times[0] - started) * 1000
+        return Turn(text, ttft_ms, len(ids), len(ids), len(new), _decode_speed(clock.times))
+
+
+class Floor:
+    """Not a chat system: times one forward over the last `num_new` prompt tokens on a cache
+    that already holds the others, then picks the first token."""
+
+    name = "floor"
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.model = engine.loaded.model
+
+    def ttft_ms(self, prompt_ids: list[int], num_new: int, repeats: int) -> list[float]:
+        device = self.engine.device
+        cache = DynamicCache(config=self.model.config)
+        with torch.inference_mode():
+            self.model(input_ids=torch.tensor([prompt_ids[:-num_new]], device=device), cache=cache,
+                       logits_to_keep=1)  # fmt: skip
+            times = []
+            for _ in range(repeats):
+                started = time.perf_counter()
+                out = self.model(input_ids=torch.tensor([prompt_ids[-num_new:]], device=device), cache=cache,
+                                 logits_to_keep=1)  # fmt: skip
+                int(torch.argmax(out.logits[0, -1]))
+                times.append((time.perf_counter() - started) * 1000)
+                cache.crop(-num_new)
+        return times
+
+
+class ContinuousBatching:
+    name = "transformers-cb"
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.model = engine.loaded.model
+
+    def reply(self, session: str, messages: Messages, max_new_tokens: int) -> Turn:
+        started = time.perf_counter()
+        ids = self.engine.encode(messages).token_ids
+        config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False,
+                                  eos_token_id=sorted(self.engine.eos_ids), pad_token_id=2)  # fmt: skip
+        outputs = self.model.generate_batch(inputs=[ids], generation_config=config, record_timestamps=True,
+                                            persistent_manager=True, progress_bar=False)  # fmt: skip
+        out = next(iter(outputs.values()))
+        new = [t for t in out.generated_tokens if t not in self.engine.eos_ids]
+        text = self.engine.loaded.tokenizer.decode(new, skip_special_tokens=True)
+        stamps = list(out.timestamps or [])
+        ttft_ms = (stamps[0] - started) * 1000 if stamps else (time.perf_counter() - started) * 1000
+        return Turn(text, ttft_ms, len(ids), None, len(new), _decode_speed(stamps))
+
+    def close(self) -> None:
+        self.model.destroy_cached_continuous_batching_manager()
+
+
+class LlamaCpp:
+    """llama-cpp-python on the bundled GGUF; one model instance, i.e. one server slot, whose
+    prompt cache reuses the longest common prefix with whatever it processed last."""
+
+    name = "llama-cpp"
+
+    def __init__(self, engine: Engine, gguf_path: str) -> None:
+        from llama_cpp import Llama
+
+        self.engine = engine
+        self.llm = Llama(model_path=gguf_path, n_ctx=8192, verbose=False, seed=0)
+
+    def reply(self, session: str, messages: Messages, max_new_tokens: int) -> Turn:
+        started = time.perf_counter()
+        ids = self.engine.encode(messages).token_ids
+        times: list[float] = []
+        pieces: list[str] = []
+        for chunk in self.llm.create_completion(ids, max_tokens=max_new_tokens, temperature=0.0, stream=True):
+            times.append(time.perf_counter())
+            pieces.append(chunk["choices"][0]["text"])
+        ttft_ms = (times[0] - started) * 1000 if times else 0.0
+        return Turn("".join(pieces), ttft_ms, len(ids), None, len(times), _decode_speed(times))
+
+
+def unavailable(name: str) -> str | None:
+    """Why an optional peer cannot run here, or None if it can."""
+    if name == "llama-cpp" and importlib.util.find_spec("llama_cpp") is None:
+        return "llama-cpp-python is not installed (pip install llama-cpp-python; builds in ~6 min on 2 cores)"
+    if name == "transformers-cb" and not hasattr(torch.nn.Module, "generate_batch") and not _has_cb():
+        return "this transformers has no continuous batching (generate_batch)"
+    return None
+
+
+def _has_cb() -> bool:
+    from transformers import GenerationMixin
+
+    return hasattr(GenerationMixin, "generate_batch")

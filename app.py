@@ -40,6 +40,13 @@ def conversation(system_prompt: str, history: History) -> list[dict[str, Any]]:
     ]
 
 
+def text_message(role: str, text: str) -> dict[str, Any]:
+    """Content as a text part: Gradio passes it through verbatim, while a plain string is run
+    through `inspect.cleandoc` (leading spaces and indentation lost), which would make the next
+    prompt differ from what the model actually generated."""
+    return {"role": role, "content": [{"type": "text", "text": text}]}
+
+
 def badge_message(usage: Any) -> dict[str, Any]:
     return {
         "role": "assistant",
@@ -65,7 +72,7 @@ class Handlers:
             gr.Warning("Type a message first.")
             yield history, text
             return
-        history.append({"role": "user", "content": text})
+        history.append(text_message("user", text))
         yield from self._reply(history, system_prompt, max_new_tokens, temperature, top_p, request, text)
 
     def retry(self, data: gr.RetryData, history: History, system_prompt: str, max_new_tokens: float,
@@ -75,20 +82,19 @@ class Handlers:
 
     def edit(self, data: gr.EditData, history: History, system_prompt: str, max_new_tokens: float,
              temperature: float, top_p: float, request: gr.Request) -> Yield:  # fmt: skip
-        history = list(history or [])[: _index(data)] + [{"role": "user", "content": data.value}]
+        history = list(history or [])[: _index(data)] + [text_message("user", plain_text(data.value))]
         yield from self._reply(history, system_prompt, max_new_tokens, temperature, top_p, request, None)
 
     def undo(self, data: gr.UndoData, history: History) -> tuple[History, str]:
         """Drop the user message and everything after it; put its text back in the box."""
-        value = data.value if isinstance(data.value, str) else plain_text(data.value)
-        return list(history or [])[: _index(data)], value
+        return list(history or [])[: _index(data)], plain_text(data.value)
 
     def _reply(self, history: History, system_prompt: str, max_new_tokens: float, temperature: float,
                top_p: float, request: gr.Request, restore: str | None) -> Yield:  # fmt: skip
         """Stream one reply. On bad input, warn and give the typed text back (`restore`)."""
         engine = self.holder.peek()
         if engine is None:
-            yield history + [{"role": "assistant", "content": "⏳ Loading the model… the reply follows."}], ""
+            yield history + [text_message("assistant", "⏳ Loading the model… the reply follows.")], ""
             try:
                 engine = self.holder.get(LOAD_WAIT_S)
             except Exception as err:  # noqa: BLE001 - shown to the user, who cannot chat without it
@@ -105,14 +111,14 @@ class Handlers:
             gr.Warning(str(err))
             yield (history[:-1] if restore is not None else history), restore or ""
             return
-        reply = {"role": "assistant", "content": ""}
+        reply = text_message("assistant", "")
         try:
             for piece in generation:
-                reply["content"] += piece
+                reply["content"][0]["text"] += piece
                 yield history + [reply], ""
         except GenerationError as err:
             gr.Warning(f"The reply failed ({err}). Your conversation is kept: press Retry.")
-            yield history + ([reply] if reply["content"] else []), ""
+            yield history + ([reply] if generation.text else []), ""
             return
         finally:
             generation.cancel()  # Stop or a closed tab lands here: stop the backend too
@@ -144,23 +150,32 @@ class Handlers:
         )
         return text, gr.Timer(active=False)
 
-    def refresh_stats(self) -> tuple[str, list[list[object]], list[list[object]]]:
+    def refresh_stats(self) -> tuple[Any, ...]:
+        """Panel text, entries, recent requests, then the three plots (from the usage log)."""
         engine = self.holder.peek()
         if engine is None:
-            return "Model still loading…", [], []
+            return ("Model still loading…", [], [], *_EMPTY_PLOTS)
         try:
             stats = engine.stats()
+            timeline = engine.usage_timeline()
             return (
                 panel.panel_markdown(stats, engine.usage_summary(), engine.log_warning),
                 panel.entry_rows(stats),
                 panel.recent_rows(engine.recent_requests(10)),
+                panel.hit_rate_frame(timeline),
+                panel.bytes_frame(timeline),
+                panel.ttft_frame(timeline),
             )
         except Exception as err:  # noqa: BLE001 - a side panel must never take the chat down
             log.exception("stats panel failed")
-            return f"Stats unavailable right now: {err}", [], []
+            return (f"Stats unavailable right now: {err}", [], [], *_EMPTY_PLOTS)
+
+
+_EMPTY_PLOTS = (panel.hit_rate_frame([]), panel.bytes_frame([]), panel.ttft_frame([]))
 
 
 def plain_text(value: Any) -> str:
+    """Text of a message value, whether a string or a list of parts (as the browser sends it)."""
     if isinstance(value, list):
         return "".join(part.get("text", "") for part in value if isinstance(part, dict))
     return str(value or "")
@@ -206,6 +221,13 @@ def build_ui(holder: BackgroundEngine, config: Config) -> gr.Blocks:
                 entries = gr.Dataframe(headers=panel.ENTRY_COLUMNS, interactive=False)
                 gr.Markdown("#### Recent requests (from the usage log)")
                 recent = gr.Dataframe(headers=panel.RECENT_COLUMNS, interactive=False)
+                with gr.Row():
+                    hit_plot = gr.LinePlot(x="request", y="hit rate", color="series", title="Token hit rate",
+                                           y_lim=[0, 1], height=260)  # fmt: skip
+                    bytes_plot = gr.LinePlot(x="request", y="MiB", color="series", title="KV bytes held vs budget",
+                                             height=260)  # fmt: skip
+                    ttft_plot = gr.ScatterPlot(x="request", y="TTFT ms", color="cache",
+                                               title="Time to first token, warm vs cold", height=260)  # fmt: skip
                 stats_timer = gr.Timer(2.0, active=False)
 
         settings = [system_box, max_tokens, temperature, top_p]
@@ -221,7 +243,7 @@ def build_ui(holder: BackgroundEngine, config: Config) -> gr.Blocks:
         chatbot.undo(handlers.undo, [chatbot], [chatbot, textbox], api_visibility="private")
         preset.change(lambda name: presets.get(name, ""), preset, system_box, api_visibility="private")
         status_timer.tick(handlers.status, outputs=[status, status_timer], api_visibility="private")
-        stats_outputs = [stats_md, entries, recent]
+        stats_outputs = [stats_md, entries, recent, hit_plot, bytes_plot, ttft_plot]
         stats_timer.tick(handlers.refresh_stats, outputs=stats_outputs, api_visibility="private")
         stats_tab.select(handlers.refresh_stats, outputs=stats_outputs, api_visibility="private").then(
             lambda: gr.Timer(active=True), outputs=stats_timer, api_visibility="private"

@@ -183,6 +183,9 @@ class Engine:
     def recent_requests(self, limit: int = 10) -> list[dict] | None:
         return self.usage_log.recent(limit) if self.usage_log else None
 
+    def usage_timeline(self, limit: int = 300) -> list[dict] | None:
+        return self.usage_log.timeline(limit) if self.usage_log else None
+
     @property
     def log_warning(self) -> str | None:
         return self.usage_log.warning if self.usage_log else None
@@ -300,6 +303,7 @@ class Engine:
 
     def _finish(self, usage: Usage, evictions: list[Eviction], user_text: str, reply_text: str) -> None:
         usage.cache_bytes = self._store.used_bytes
+        usage.budget_bytes = self._store.budget_bytes
         usage.evictions = len(evictions)
         with self._counts_lock:
             self._requests += 1

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import time
 
+import pandas as pd
+
 from kvchat.config import format_bytes
 from kvchat.engine import CacheStats
 from kvchat.usage import Usage
@@ -90,3 +92,34 @@ def recent_rows(rows: list[dict] | None) -> list[list[object]]:
          r["cached_tokens"], r["new_tokens"], round(r["ttft_ms"]), r["finish_reason"]]
         for r in rows or []
     ]  # fmt: skip
+
+
+def _finished(rows: list[dict] | None) -> list[dict]:
+    return [r for r in rows or [] if r["finish_reason"] in ("stop", "length", "cancelled")]
+
+
+def hit_rate_frame(rows: list[dict] | None) -> pd.DataFrame:
+    """Per request and cumulative token hit rate, in request order."""
+    points, cached, prompt = [], 0, 0
+    for r in _finished(rows):
+        cached, prompt = cached + r["cached_tokens"], prompt + r["prompt_tokens"]
+        points.append({"request": r["id"], "hit rate": r["cached_tokens"] / r["prompt_tokens"], "series": "this request"})
+        points.append({"request": r["id"], "hit rate": cached / prompt, "series": "cumulative"})
+    return pd.DataFrame(points, columns=["request", "hit rate", "series"])
+
+
+def bytes_frame(rows: list[dict] | None) -> pd.DataFrame:
+    points = []
+    for r in rows or []:
+        points.append({"request": r["id"], "MiB": r["cache_bytes"] / 2**20, "series": "held"})
+        if r.get("budget_bytes"):
+            points.append({"request": r["id"], "MiB": r["budget_bytes"] / 2**20, "series": "budget"})
+    return pd.DataFrame(points, columns=["request", "MiB", "series"])
+
+
+def ttft_frame(rows: list[dict] | None) -> pd.DataFrame:
+    points = [
+        {"request": r["id"], "TTFT ms": r["ttft_ms"], "cache": "warm" if r["cached_tokens"] else "cold"}
+        for r in _finished(rows) if r["ttft_ms"]
+    ]  # fmt: skip
+    return pd.DataFrame(points, columns=["request", "TTFT ms", "cache"])

@@ -23,6 +23,7 @@ class Usage:
     decode_tokens_per_s: float = 0.0
     finish_reason: str = "error"  # "stop" | "length" | "cancelled" | "error"
     cache_bytes: int = 0  # bytes all cached KV held after this request
+    budget_bytes: int = 0  # the byte budget they were held under
     evictions: int = 0  # cache entries this request evicted
 
     @property

@@ -54,7 +54,14 @@ def m003_message_text(db: sqlite_utils.Database) -> None:
     db["requests"].add_column("reply_text", str)
 
 
-MIGRATIONS: Sequence[Callable[[sqlite_utils.Database], None]] = (m001_requests, m002_evictions, m003_message_text)
+def m004_budget(db: sqlite_utils.Database) -> None:
+    """The budget each request ran under, so 'bytes held vs budget' can be plotted from the log."""
+    db["requests"].add_column("budget_bytes", int)
+
+
+MIGRATIONS: Sequence[Callable[[sqlite_utils.Database], None]] = (
+    m001_requests, m002_evictions, m003_message_text, m004_budget,
+)
 
 
 def migrate(db: sqlite_utils.Database) -> list[str]:
@@ -213,6 +220,15 @@ class UsageLog:
             "from requests order by id desc limit ?",
             [limit],
         )
+
+    def timeline(self, limit: int = 300) -> list[dict] | None:
+        """The last `limit` requests, oldest first, for the stats plots."""
+        rows = self._query(
+            "select id, ts, prompt_tokens, cached_tokens, ttft_ms, cache_bytes, budget_bytes, finish_reason "
+            "from requests order by id desc limit ?",
+            [limit],
+        )
+        return None if rows is None else rows[::-1]
 
     def _query(self, sql: str, params: list) -> list[dict] | None:
         if not self.path.exists():

@@ -53,6 +53,15 @@ def tiny_loaded(tokenizer) -> models.LoadedModel:
 
 
 @pytest.fixture(scope="session")
+def tiny_model_dir(tiny_loaded, tmp_path_factory) -> Path:
+    """The tiny model saved like any local model, so the app can start on it with --model."""
+    path = tmp_path_factory.mktemp("tiny-model")
+    tiny_loaded.model.save_pretrained(path)
+    tiny_loaded.tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def bundled_loaded() -> models.LoadedModel:
     return models.load(None, device="cpu", dtype="float32", home=models_home())
 

@@ -28,12 +28,11 @@ def run_app(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
                           timeout=timeout)  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def app(tmp_path_factory, bundled_dir):
-    db = tmp_path_factory.mktemp("app") / "usage.db"
+def start_app(*args: str, auth: tuple[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    """Start `python app.py ARGS` on a free local port; returns once the model is loaded."""
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "app.py", "--port", str(port), "--usage-db", str(db)],
+        [sys.executable, "app.py", "--port", str(port), *args],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "KVCHAT_HOST": "127.0.0.1"},
     )  # fmt: skip
@@ -41,17 +40,28 @@ def app(tmp_path_factory, bundled_dir):
     deadline = time.time() + 180
     while True:
         try:
-            client = Client(url, verbose=False)
-            if client.predict(api_name="/stats")["ready"]:
-                break
+            if Client(url, verbose=False, auth=auth).predict(api_name="/stats")["ready"]:
+                return process, url
         except Exception:  # noqa: BLE001 - not up yet
             pass
         if process.poll() is not None or time.time() > deadline:
+            process.kill()
             raise RuntimeError(f"app did not start:\n{process.stdout.read() if process.stdout else ''}")
         time.sleep(1)
+
+
+def stop_app(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory, bundled_dir):
+    db = tmp_path_factory.mktemp("app") / "usage.db"
+    process, url = start_app("--usage-db", str(db))
     yield url, db
-    process.terminate()
-    process.wait(timeout=30)
+    stop_app(process)
 
 
 def ask(client: Client, text: str, history: list) -> list:

@@ -80,3 +80,82 @@ def test_locked_database_waits_for_the_other_writer(usage_db):
     log.close()
     assert sqlite_utils.Database(usage_db)["requests"].count == 2
     assert log.warning is None
+
+
+def test_lock_held_past_the_busy_timeout_loses_only_that_row(usage_db, monkeypatch):
+    from kvchat import usage_log
+
+    monkeypatch.setattr(usage_log, "BUSY_TIMEOUT_S", 0.3)
+    log = UsageLog(usage_db)
+    log.record(usage())
+    assert log.flush()
+    blocker = sqlite3.connect(usage_db)
+    blocker.execute("begin exclusive")
+    log.record(usage())  # cannot be written while the other writer holds the lock
+    assert log.flush()
+    blocker.rollback()
+    blocker.close()
+    log.record(usage())
+    log.close()
+    assert (log.rows_written, log.rows_failed) == (2, 1)
+    assert "locked" in log.warning
+    assert sqlite_utils.Database(usage_db)["requests"].count == 2
+
+
+def _chattr(flag: str, *paths) -> bool:
+    import subprocess
+
+    return subprocess.run(["chattr", flag, *map(str, paths)], capture_output=True).returncode == 0
+
+
+def test_read_only_database_warns_once_and_rows_resume_when_writable(tmp_path):
+    path = tmp_path / "usage.db"
+    first = UsageLog(path)
+    first.record(usage())
+    first.close()
+    if not _chattr("+i", path, tmp_path):  # immutable binds root too; permission bits would not
+        pytest.skip("this filesystem cannot make a file immutable (chattr +i), so read-only cannot be simulated")
+    try:
+        log = UsageLog(path)
+        for _ in range(3):
+            log.record(usage())
+        assert log.flush()
+        assert (log.rows_written, log.rows_failed) == (0, 3)
+        assert "not written" in log.warning
+    finally:
+        _chattr("-i", path, tmp_path)
+    log.record(usage())
+    log.close()
+    assert log.rows_written == 1
+    assert sqlite_utils.Database(path)["requests"].count == 2
+
+
+FULL_DISK = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead of killing us
+from kvchat.usage import Usage
+from kvchat.usage_log import UsageLog
+log = UsageLog(sys.argv[1], store_text=True)
+row = Usage(ts=0.0, session="s", model="m", prompt_tokens=1, finish_reason="stop")
+log.record(row, user_text="first")
+log.flush()
+resource.setrlimit(resource.RLIMIT_FSIZE, (120_000, 120_000))
+for _ in range(200):
+    log.record(row, user_text="y" * 2000)
+log.close()
+print(log.rows_written, log.rows_failed, log.warning)
+"""
+
+
+def test_full_disk_keeps_every_row_that_fits_and_warns(tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "usage.db"
+    result = subprocess.run([sys.executable, "-c", FULL_DISK, str(path)], capture_output=True, text=True,
+                            timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    written, failed, warning = result.stdout.split(" ", 2)
+    assert int(failed) > 0 and int(written) > 1
+    assert "full" in warning or "too large" in warning
+    assert sqlite_utils.Database(path)["requests"].count == int(written)

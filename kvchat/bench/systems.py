@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -23,6 +24,9 @@ from transformers.generation.streamers import BaseStreamer
 from kvchat.engine import Engine
 
 Messages = list[dict[str, Any]]
+
+# It warns on every call with a persistent manager; the bench keeps one on purpose (prefix sharing).
+logging.getLogger("ContinuousBatchingLogger").setLevel(logging.ERROR)
 
 
 @dataclass(slots=True)

@@ -1,0 +1,136 @@
+"""The app under a demo's load, on the tiny model (saved like any local model): many sessions at
+once, a full queue, a login, SIGTERM. Loopback only, bounded in count and time."""
+
+import signal
+import threading
+import time
+
+import pytest
+import sqlite_utils
+from gradio_client import Client
+
+from kvchat import Engine
+from test_app import run_app, start_app, stop_app
+
+SYSTEM = "You are the helpdesk of a school. Answer in one sentence. " * 4
+SESSIONS, TURNS, NEW = 16, 5, 6
+BUDGET = "1MiB"  # holds a few tiny sessions: evictions happen during the test
+
+
+def question(session: int, turn: int) -> str:
+    return f"Student {session} asks question {turn}: when does the library open on day {turn + session}?"
+
+
+def expected_alone(tiny_loaded, session: int) -> list[str]:
+    """The replies this session gets when it is the only one (greedy, fresh engine)."""
+    engine = Engine(tiny_loaded, cache_budget_bytes=2**30)
+    messages, replies = [{"role": "system", "content": SYSTEM}], []
+    for turn in range(TURNS):
+        messages.append({"role": "user", "content": question(session, turn)})
+        replies.append(engine.chat("alone", messages, max_new_tokens=NEW).text)
+        messages.append({"role": "assistant", "content": replies[-1]})
+    return replies
+
+
+@pytest.fixture(scope="module")
+def tiny_app(tiny_model_dir, tmp_path_factory):
+    db = tmp_path_factory.mktemp("load") / "usage.db"
+    process, url = start_app("--model", str(tiny_model_dir), "--cache-budget", BUDGET, "--usage-db", str(db))
+    yield process, url, db
+    stop_app(process)
+
+
+def test_16_concurrent_sessions_x_5_turns(tiny_app, tiny_loaded):
+    process, url, db = tiny_app
+    replies: dict[int, list[str]] = {}
+    errors: list[BaseException] = []
+    samples: list[tuple[int, int]] = []
+    done = threading.Event()
+
+    def chat(session: int) -> None:
+        try:
+            client, history, got = Client(url, verbose=False), [], []
+            for turn in range(TURNS):
+                history, _ = client.predict(question(session, turn), history, SYSTEM, NEW, 0.0, 1.0, api_name="/chat")
+                got.append(history[-2]["content"][0]["text"] if history[-2]["content"] else "")
+            replies[session] = got
+        except BaseException as err:  # noqa: BLE001 - counted below
+            errors.append(err)
+
+    def sample() -> None:
+        client = Client(url, verbose=False)
+        while not done.is_set():
+            stats = client.predict(api_name="/stats")
+            samples.append((stats["used_bytes"], stats["budget_bytes"]))
+            time.sleep(0.05)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    threads = [threading.Thread(target=chat, args=(i,)) for i in range(SESSIONS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=600)
+    done.set()
+    sampler.join(timeout=30)
+    assert errors == []
+    assert len(samples) > 10 and all(used <= budget for used, budget in samples)
+    for session in range(SESSIONS):
+        assert replies[session] == expected_alone(tiny_loaded, session), f"session {session}"
+    deadline = time.time() + 10
+    while sqlite_utils.Database(db)["requests"].count < SESSIONS * TURNS and time.time() < deadline:
+        time.sleep(0.2)
+    rows = list(sqlite_utils.Database(db).query("select finish_reason, evictions from requests"))
+    assert len(rows) == SESSIONS * TURNS
+    assert all(r["finish_reason"] in ("stop", "length") for r in rows)
+    assert sum(r["evictions"] for r in rows) > 0  # the budget really was under pressure
+
+
+def test_sigterm_flushes_the_log_and_exits_cleanly(tiny_app):
+    process, url, db = tiny_app
+    before = sqlite_utils.Database(db)["requests"].count
+    Client(url, verbose=False).predict("One last question?", [], SYSTEM, NEW, 0.0, 1.0, api_name="/chat")
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == 0
+    assert "shutting down" in process.stdout.read()
+    assert sqlite_utils.Database(db)["requests"].count == before + 1
+
+
+def test_full_queue_says_busy_and_the_rest_are_served(tiny_model_dir, tmp_path):
+    process, url = start_app("--model", str(tiny_model_dir), "--max-queue", "1", "--usage-db", str(tmp_path / "q.db"))
+    try:
+        jobs = [Client(url, verbose=False).submit("Write a very long story.", [], "", 2000, 0.0, 1.0, api_name="/chat")
+                for _ in range(5)]  # fmt: skip
+        outcomes = []
+        for job in jobs:
+            try:
+                job.result(timeout=300)
+                outcomes.append("served")
+            except Exception as err:  # noqa: BLE001 - the message is what we check
+                outcomes.append(str(err))
+        busy = [o for o in outcomes if o != "served"]
+        assert outcomes.count("served") >= 1 and busy
+        assert all("queue" in o.lower() and "full" in o.lower() for o in busy), busy
+        assert Client(url, verbose=False).predict("Still there?", [], "", 4, 0.0, 1.0, api_name="/chat")
+    finally:
+        stop_app(process)
+
+
+def test_auth_keeps_strangers_out(tiny_model_dir, tmp_path):
+    process, url = start_app("--model", str(tiny_model_dir), "--auth", "teacher:s3cret", "--usage-db",
+                             str(tmp_path / "a.db"), auth=("teacher", "s3cret"))  # fmt: skip
+    try:
+        with pytest.raises(Exception):  # noqa: B017 - gradio_client raises its own error types
+            Client(url, verbose=False).predict(api_name="/stats")
+        history, _ = Client(url, verbose=False, auth=("teacher", "s3cret")).predict(
+            "Hello", [], "", 4, 0.0, 1.0, api_name="/chat")  # fmt: skip
+        assert history[0]["role"] == "user"
+    finally:
+        stop_app(process)
+
+
+def test_a_directory_that_is_not_a_model_stops_the_start_with_a_clear_error(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a model")
+    result = run_app("--model", str(tmp_path), "--usage-db", "none", timeout=180)
+    assert result.returncode != 0
+    assert "cannot load" in result.stderr

@@ -71,6 +71,7 @@ class Engine:
         prefix_salt: str = "",
     ) -> None:
         hf_cache.check_supported(loaded.model)
+        hf_cache.use_native_gqa(loaded.device)
         self.loaded = loaded
         self.model_name = loaded.name
         self.device = loaded.device

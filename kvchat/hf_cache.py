@@ -9,6 +9,7 @@ real storage, spare capacity included, because that is what the process holds.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
@@ -97,6 +98,19 @@ class BufferLayer(DynamicLayer):
             return
         self.keys = self._kbuf[:, :, :num_tokens]  # views: the model reads only filled positions
         self.values = self._vbuf[:, :, :num_tokens]
+
+
+def use_native_gqa(device: torch.device) -> None:
+    """Let SDPA read grouped K/V heads directly on CPU instead of materialising repeated copies.
+
+    transformers repeats K/V for every multi-token forward with a mask (a follow-up prefill on a
+    held cache); with native GQA that forward took 17-23% less time at 2-4k tokens of history here.
+    Decode (one token) already avoids the copy. transformers reads this switch only from the
+    environment; an explicit setting by the user is kept. On CUDA a mask would push SDPA to its
+    slow math kernel, so it is left off there.
+    """
+    if device.type == "cpu":
+        os.environ.setdefault("TRANSFORMERS_SDPA_FORCE_GQA", "1")
 
 
 def check_supported(model: PreTrainedModel) -> None:

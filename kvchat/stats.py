@@ -111,15 +111,15 @@ def hit_rate_frame(rows: list[dict] | None) -> pd.DataFrame:
 def bytes_frame(rows: list[dict] | None) -> pd.DataFrame:
     points = []
     for r in rows or []:
-        points.append({"request": r["id"], "MiB": r["cache_bytes"] / 2**20, "series": "held"})
+        points.append({"request": r["id"], "MiB": round(r["cache_bytes"] / 2**20, 1), "series": "held"})
         if r.get("budget_bytes"):
-            points.append({"request": r["id"], "MiB": r["budget_bytes"] / 2**20, "series": "budget"})
+            points.append({"request": r["id"], "MiB": round(r["budget_bytes"] / 2**20, 1), "series": "budget"})
     return pd.DataFrame(points, columns=["request", "MiB", "series"])
 
 
 def ttft_frame(rows: list[dict] | None) -> pd.DataFrame:
     points = [
-        {"request": r["id"], "TTFT ms": r["ttft_ms"], "cache": "warm" if r["cached_tokens"] else "cold"}
+        {"request": r["id"], "TTFT ms": round(r["ttft_ms"]), "cache": "warm" if r["cached_tokens"] else "cold"}
         for r in _finished(rows) if r["ttft_ms"]
     ]  # fmt: skip
     return pd.DataFrame(points, columns=["request", "TTFT ms", "cache"])

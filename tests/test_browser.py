@@ -1,0 +1,129 @@
+"""The app in a real browser (Debian's chromium driven by Playwright), on the bundled model."""
+
+import shutil
+import time
+
+import pytest
+import sqlite_utils
+from gradio_client import Client
+from playwright.sync_api import Page, sync_playwright
+
+from test_app import start_app, stop_app
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory, bundled_dir):
+    db = tmp_path_factory.mktemp("browser") / "usage.db"
+    process, url = start_app("--usage-db", str(db))
+    yield url, db
+    stop_app(process)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    assert shutil.which(CHROMIUM), "Debian's chromium is needed (apt-get install chromium); .ci/run installs it"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(app, browser) -> Page:
+    page = browser.new_page(viewport={"width": 1300, "height": 1000})
+    page.goto(app[0])
+    page.get_by_text("✅").first.wait_for(timeout=180_000)  # model loaded
+    yield page
+    page.close()
+
+
+def set_max_tokens(page: Page, count: int) -> None:
+    page.get_by_text("Generation settings").click()
+    box = page.get_by_label("number input for Max new tokens")
+    box.fill(str(count))
+    box.press("Tab")
+
+
+def send(page: Page, text: str) -> None:
+    box = page.get_by_test_id("textbox").first
+    box.fill(text)
+    box.press("Enter")
+
+
+def badges(page: Page):
+    return page.get_by_text("prompt tokens ·")
+
+
+def last_reply_length(page: Page) -> int:
+    replies = page.locator(".bot.message")
+    return len(replies.last.inner_text()) if replies.count() else 0
+
+
+def test_reply_streams_then_shows_its_badge(page):
+    set_max_tokens(page, 40)
+    send(page, "Tell me about the moon in three sentences.")
+    lengths = []
+    while badges(page).count() == 0:
+        lengths.append(last_reply_length(page))
+        time.sleep(0.1)
+        assert len(lengths) < 1200, "no reply within two minutes"
+    growing = sorted(set(n for n in lengths if n))
+    assert len(growing) >= 3, f"the reply did not stream: {growing}"
+    assert "TTFT" in badges(page).first.inner_text()
+
+
+def test_stop_ends_generation_in_the_engine(page, app):
+    url, db = app
+    set_max_tokens(page, 400)
+    send(page, "Write a long story about a dragon who learns to bake bread.")
+    while last_reply_length(page) < 30:
+        time.sleep(0.05)
+    page.get_by_role("button", name="Stop").click()
+    client = Client(url, verbose=False)
+    deadline = time.time() + 10
+    while client.predict(api_name="/stats")["busy"]:
+        assert time.time() < deadline, "the engine kept generating after Stop"
+        time.sleep(0.2)
+    frozen = last_reply_length(page)
+    time.sleep(1.0)
+    assert last_reply_length(page) == frozen
+    deadline = time.time() + 10
+    while True:
+        last = list(sqlite_utils.Database(db).query("select finish_reason, new_tokens from requests order by id desc limit 1"))
+        if last and last[0]["finish_reason"] == "cancelled":
+            break
+        assert time.time() < deadline, f"no cancelled row: {last}"
+        time.sleep(0.2)
+    assert last[0]["new_tokens"] < 400
+
+
+def test_retry_and_edit_reuse_the_session_cache(page):
+    set_max_tokens(page, 12)
+    send(page, "Name three planets.")
+    badges(page).first.wait_for(timeout=120_000)
+    page.get_by_role("button", name="Retry").click()
+    page.get_by_text("reused from this session").first.wait_for(timeout=120_000)
+    page.get_by_role("button", name="Edit").first.click()
+    editor = next(t for t in page.locator("textarea").all() if t.input_value() == "Name three planets.")
+    editor.fill("Name three moons.")
+    page.get_by_role("button", name="Submit").click()
+    page.get_by_text("Name three moons.").first.wait_for(timeout=30_000)
+    badge = page.get_by_text("reused from this session").first
+    badge.wait_for(timeout=120_000)
+    assert "prefilled" in badge.inner_text()
+
+
+def test_stats_panel_shows_numbers_and_plots(page):
+    set_max_tokens(page, 8)
+    send(page, "Hello!")
+    badges(page).first.wait_for(timeout=120_000)
+    page.get_by_role("tab", name="Cache stats").click()
+    page.get_by_text("Token hit rate:").first.wait_for(timeout=30_000)
+    page.get_by_text("Bytes held:").first.wait_for()
+    for title in ("Token hit rate", "KV bytes held vs budget", "Time to first token, warm vs cold"):
+        page.get_by_text(title, exact=True).first.wait_for()
+    page.wait_for_function("document.querySelectorAll('.vega-embed svg').length >= 3", timeout=30_000)
+    assert page.locator("table").get_by_text("session", exact=True).count() >= 1  # this tab's cache

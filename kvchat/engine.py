@@ -2,8 +2,8 @@
 
 Each request finds the longest run of leading token ids it can take from a cache: the session's
 own cache (cropped to where the conversation changed), or the shared cache of its system prompt.
-Only the rest is prefilled. All model work is serialised by one lock; each request runs in its
-own worker thread so the caller can stream and cancel (see `generation.py`).
+Only the rest is prefilled. All model work runs on one long-lived model thread, in arrival order,
+so the caller can stream and cancel (see `generation.py`) and PyTorch keeps one warm thread pool.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,7 +84,8 @@ class Engine:
         self._fingerprint = fingerprint([loaded.identity, str(loaded.dtype), self._template.template_text])
         self._salt = prefix_salt
         self._eos_ids = _eos_ids(loaded)
-        self._lock = threading.Lock()  # one generation at a time owns the model
+        self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvchat-model")
+        self._lock = threading.Lock()  # held while a generation owns the model (`stats().busy`)
         self._counts_lock = threading.Lock()
         self._requests = self._hits = self._prompt_tokens = self._cached_tokens = 0
 
@@ -137,7 +139,7 @@ class Engine:
         def work(generation: Generation) -> Usage:
             return self._serve(generation, session_id, prompt, params, usage, arrived, user_text)
 
-        return Generation(work).start()
+        return Generation(work, self._model_thread).start()
 
     def chat(self, session_id: str, messages: Sequence[Mapping[str, Any]], **settings: Any) -> Reply:
         """Blocking form of `stream`."""
@@ -192,6 +194,8 @@ class Engine:
         return self.usage_log.warning if self.usage_log else None
 
     def close(self) -> None:
+        """Finish queued generations, then flush and close the usage log."""
+        self._model_thread.shutdown(wait=True)
         if self.usage_log:
             self.usage_log.close()
 

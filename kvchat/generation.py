@@ -1,4 +1,4 @@
-"""A reply being generated: a worker thread produces text pieces, the caller iterates them.
+"""A reply being generated: the engine's model thread produces text pieces, the caller iterates them.
 
 Leaving the iteration early (a Stop button, a closed tab, `break`) sets the cancel flag, and the
 worker stops computing at its next token: the backend really stops, not just the display.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import Executor
 
 from kvchat.usage import Usage
 
@@ -18,18 +19,19 @@ _END = object()
 class Generation:
     """Iterate for text pieces; afterwards `text` and `usage` are final."""
 
-    def __init__(self, work: Callable[[Generation], Usage]) -> None:
+    def __init__(self, work: Callable[[Generation], Usage], executor: Executor) -> None:
         self._work = work
+        self._executor = executor
         self._pieces: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._cancel = threading.Event()
         self._done = threading.Event()
         self.text = ""
         self.usage: Usage | None = None
         self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="kvchat-generation", daemon=True)
 
     def start(self) -> Generation:
-        self._thread.start()
+        """Queue the work on the executor (the engine's single model thread)."""
+        self._executor.submit(self._run)
         return self
 
     # --- worker side ---

@@ -22,6 +22,7 @@ Message = dict[str, str]
 class Prompt:
     token_ids: list[int]  # the whole conversation plus the assistant-turn header
     prefix_len: int  # leading ids that render the system prompt alone (shareable); 0 if none
+    user_text: str  # the last user message as plain text (logged only with --store-text)
 
 
 def normalise(messages: Sequence[Mapping[str, Any]]) -> list[Message]:
@@ -78,7 +79,8 @@ class ChatTemplate:
     def encode(self, messages: Sequence[Mapping[str, Any]]) -> Prompt:
         conversation = normalise(messages)
         token_ids = self._ids(conversation, add_generation_prompt=True)
-        return Prompt(token_ids=token_ids, prefix_len=self._system_prefix_len(conversation, token_ids))
+        prefix_len = self._system_prefix_len(conversation, token_ids)
+        return Prompt(token_ids=token_ids, prefix_len=prefix_len, user_text=conversation[-1]["content"])
 
     def _ids(self, conversation: list[Message], add_generation_prompt: bool) -> list[int]:
         text = self.tokenizer.apply_chat_template(

@@ -122,7 +122,7 @@ class Engine:
         arrived_s, arrived = time.time(), time.perf_counter()
         if not isinstance(session_id, str) or not session_id.strip():
             raise InputError("a session id (non-empty string) is required")
-        params = SamplingParams(max_new_tokens, float(temperature), float(top_p), seed)
+        params = SamplingParams(max_new_tokens, _number(temperature, "temperature"), _number(top_p, "top-p"), seed)
         params.validate(self.context_tokens)
         prompt = self._template.encode(messages)
         if len(prompt.token_ids) >= self.context_tokens:
@@ -134,10 +134,8 @@ class Engine:
             ts=arrived_s, session=_opaque(session_id), model=self.model_name,
             prompt_tokens=len(prompt.token_ids),
         )  # fmt: skip
-        user_text = str(messages[-1].get("content", ""))
-
         def work(generation: Generation) -> Usage:
-            return self._serve(generation, session_id, prompt, params, usage, arrived, user_text)
+            return self._serve(generation, session_id, prompt, params, usage, arrived)
 
         return Generation(work, self._model_thread).start()
 
@@ -199,10 +197,10 @@ class Engine:
         if self.usage_log:
             self.usage_log.close()
 
-    # --- one request, on its worker thread ---
+    # --- one request, on the model thread ---
     def _serve(
         self, generation: Generation, session_id: str, prompt: Prompt, params: SamplingParams,
-        usage: Usage, arrived: float, user_text: str,
+        usage: Usage, arrived: float,
     ) -> Usage:  # fmt: skip
         evictions: list[Eviction] = []
         with self._lock:
@@ -218,12 +216,12 @@ class Engine:
                 # A forward pass may have written part of the cache: drop it rather than trust it.
                 self._store.release_session(session_id)
                 usage.finish_reason, usage.total_ms = "error", _ms_since(arrived)
-                self._finish(usage, evictions, user_text, generation.text)
+                self._finish(usage, evictions, prompt.user_text, generation.text)
                 raise GenerationError(f"generation failed: {err}", usage) from err
             kv = CachedKV(cache_ids, start.cache)
             evictions += self._store.checkin_session(session_id, kv, hf_cache.kv_nbytes(start.cache))
         usage.total_ms = _ms_since(arrived)
-        self._finish(usage, evictions, user_text, generation.text)
+        self._finish(usage, evictions, prompt.user_text, generation.text)
         return usage
 
     def _start_for(self, session_kv: CachedKV | None, prompt: Prompt, params: SamplingParams) -> _Start:
@@ -327,6 +325,13 @@ def _eos_ids(loaded: models.LoadedModel) -> set[int]:
         elif source:
             ids.update(int(i) for i in source)
     return ids
+
+
+def _number(value: Any, name: str) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError) as err:
+        raise InputError(f"{name} must be a number, not {value!r}") from err
 
 
 def _opaque(session_id: str) -> str:

@@ -67,22 +67,25 @@ class BufferLayer(DynamicLayer):
         return self._kbuf.untyped_storage().nbytes() + self._vbuf.untyped_storage().nbytes()
 
     def copy_from(self, other: BufferLayer, num_tokens: int, reserve_tokens: int) -> None:
-        """Become an independent copy of the first `num_tokens` positions of `other`."""
+        """Become an independent copy of the first `num_tokens` positions of `other`, with room
+        for `reserve_tokens` more; with no reserve the copy is exactly `num_tokens` long."""
         self.reserve_tokens = num_tokens + reserve_tokens
         if other._kbuf is None or num_tokens == 0:
             return
         self.device = other.device
         self.is_initialized = True
-        self._ensure_capacity(num_tokens, other._kbuf, other._vbuf)
+        self._ensure_capacity(num_tokens, other._kbuf, other._vbuf, round_up=reserve_tokens > 0)
         self._kbuf[:, :, :num_tokens].copy_(other._kbuf[:, :, :num_tokens])
         self._vbuf[:, :, :num_tokens].copy_(other._vbuf[:, :, :num_tokens])
         self._set_length(num_tokens)
 
-    def _ensure_capacity(self, needed: int, like_k: torch.Tensor, like_v: torch.Tensor) -> None:
+    def _ensure_capacity(
+        self, needed: int, like_k: torch.Tensor, like_v: torch.Tensor, round_up: bool = True
+    ) -> None:
         if needed <= self.capacity_tokens:
             return
         target = max(needed, self.reserve_tokens, math.ceil(self.capacity_tokens * 1.5))
-        capacity = -(-target // GROWTH_TOKENS) * GROWTH_TOKENS
+        capacity = -(-target // GROWTH_TOKENS) * GROWTH_TOKENS if round_up else target
         batch, heads, _, head_dim = like_k.shape
         kbuf = like_k.new_empty((batch, heads, capacity, head_dim))  # [B, H_kv, capacity, D]
         vbuf = like_v.new_empty((batch, like_v.shape[1], capacity, like_v.shape[-1]))

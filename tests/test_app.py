@@ -99,6 +99,13 @@ def test_empty_message_is_refused_and_nothing_is_logged(app):
     assert sqlite_utils.Database(db)["requests"].count == before
 
 
+def test_a_message_longer_than_the_context_is_refused_and_given_back(app):
+    url, _ = app
+    emoji = "😀" * 25_000  # 100 KB
+    history, box = Client(url, verbose=False).predict(emoji, [], FAQ, 16, 0.0, 1.0, api_name="/chat")
+    assert history == [] and box == emoji
+
+
 def test_help_lists_every_option_with_its_environment_variable():
     result = run_app("--help")
     assert result.returncode == 0

@@ -84,6 +84,9 @@ def test_16_concurrent_sessions_x_5_turns(tiny_app, tiny_loaded):
     assert len(rows) == SESSIONS * TURNS
     assert all(r["finish_reason"] in ("stop", "length") for r in rows)
     assert sum(r["evictions"] for r in rows) > 0  # the budget really was under pressure
+    print(f"load: {SESSIONS * TURNS} requests, {len(errors)} errors, max held {max(u for u, _ in samples)} "
+          f"of {samples[0][1]} bytes over {len(samples)} samples, {len(rows)} rows, "
+          f"{sum(r['evictions'] for r in rows)} evictions")
 
 
 def test_sigterm_flushes_the_log_and_exits_cleanly(tiny_app):

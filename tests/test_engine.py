@@ -168,6 +168,7 @@ def test_failing_forward_reports_error_then_the_session_recovers(tiny_engine, ti
         ([user("hi"), {"role": "assistant", "content": "yo"}], {}, "end with a user"),
         ([{"role": "robot", "content": "x"}], {}, "role"),
         ([user("hi")], {"temperature": -1}, "temperature"),
+        ([user("hi")], {"temperature": "warm"}, "temperature must be a number"),
         ([user("hi")], {"top_p": 0}, "top-p"),
         ([user("hi")], {"top_p": 1.5}, "top-p"),
         ([user("hi")], {"max_new_tokens": 0}, "max new tokens"),
@@ -215,3 +216,14 @@ def _filled_cache(loaded, num_tokens):
     with torch.inference_mode():
         loaded.model(input_ids=torch.ones(1, num_tokens, dtype=torch.long), cache=cache, use_cache=True)
     return cache
+
+
+def test_store_text_logs_the_typed_text_of_browser_style_messages(tiny_loaded, usage_db):
+    import sqlite_utils
+
+    engine = Engine(tiny_loaded, cache_budget_bytes=2**26, usage_log=UsageLog(usage_db, store_text=True))
+    parts = [{"role": "user", "content": [{"type": "text", "text": "What is a comet?"}]}]
+    reply = engine.chat("alice", parts, max_new_tokens=NEW)
+    engine.close()
+    row = next(sqlite_utils.Database(usage_db)["requests"].rows)
+    assert (row["user_text"], row["reply_text"]) == ("What is a comet?", reply.text)

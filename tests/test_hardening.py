@@ -87,3 +87,16 @@ def test_different_secrets_under_one_system_prompt_share_only_the_prompt(tiny_en
     reply = tiny_engine.chat("bob", bob, max_new_tokens=NEW)
     assert reply.usage.cache_source == "prefix"
     assert reply.usage.cached_tokens == tiny_engine.encode(bob).prefix_len
+
+
+def test_chat_goes_on_when_the_usage_log_cannot_be_written(tiny_loaded, tmp_path):
+    from kvchat import Engine
+    from kvchat.usage_log import UsageLog
+
+    engine = Engine(tiny_loaded, cache_budget_bytes=2**26, usage_log=UsageLog(tmp_path / "no" / "such" / "dir.db"))
+    replies = [engine.chat("alice", [user(f"question {i}")], max_new_tokens=NEW) for i in range(3)]
+    engine.usage_log.flush()
+    assert all(r.usage.finish_reason in ("length", "stop") for r in replies)
+    assert engine.log_warning is not None and "not written" in engine.log_warning
+    assert engine.usage_log.rows_failed == 3
+    engine.close()

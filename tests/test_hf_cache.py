@@ -28,6 +28,8 @@ def test_clone_is_independent_and_truncate_crops(tiny_loaded):
     assert torch.equal(cache.layers[0].keys[:, :, 20:25], before)
     hf_cache.truncate_to(cache, 10)
     assert hf_cache.num_tokens_of(cache) == 10
+    exact = hf_cache.clone(tiny_loaded.model, cache)  # a shared prefix never grows: no spare room
+    assert exact.layers[0].capacity_tokens == 10
 
 
 def test_nbytes_counts_allocated_storage(tiny_loaded):

@@ -153,14 +153,13 @@ def multi_turn(bench: Bench, points: list[int], follow_ups: int, recompute_repea
         base = warm + [{"role": "assistant", "content": greeting}]
         asks = [base + [{"role": "user", "content": FOLLOW_UPS[j % len(FOLLOW_UPS)]}] for j in range(follow_ups)]
         for j, messages in enumerate(asks):
-            bench.ask_kvchat("multi_turn", label, "multi", messages, key=f"{point}/{j}")
-        # the floor feeds exactly the tokens kvchat prefilled for the same (last) follow-up
-        kvchat_row = next(r for r in reversed(bench.rows) if r.system == "kvchat" and r.point == label)
-        prompt_ids = bench.engine.encode(asks[-1]).token_ids
-        num_new = max(1, kvchat_row.prefilled_tokens or 1)
-        for ms in bench.floor.ttft_ms(prompt_ids, num_new, follow_ups):
-            bench.rows.append(Row("multi_turn", "floor", label, ms, len(prompt_ids), num_new))
-        bench.tick(follow_ups)
+            turn = bench.ask_kvchat("multi_turn", label, "multi", messages, key=f"{point}/{j}")
+            # the floor feeds exactly the tokens kvchat just prefilled, right after it
+            prompt_ids = bench.engine.encode(messages).token_ids
+            num_new = max(1, turn.prefilled_tokens or 1)
+            bench.rows.append(Row("multi_turn", "floor", label, bench.floor.ttft_ms(prompt_ids, num_new),
+                                  len(prompt_ids), num_new))  # fmt: skip
+            bench.tick(1)
         for j, messages in enumerate(asks[:recompute_repeats]):
             bench.ask_other(bench.recompute, "multi_turn", label, "multi", messages, key=f"{point}/{j}")
         for peer in bench.peers:

@@ -105,7 +105,7 @@ class Handlers:
         try:
             generation = engine.stream(
                 _session_id(request), conversation(system_prompt, history),
-                max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_p=float(top_p),
+                max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
             )  # fmt: skip
         except InputError as err:
             gr.Warning(str(err))
@@ -299,8 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"kvchat: serving at {local_url}", flush=True)
     if config.share:
         print(f"kvchat: public share link: {share_url}" if share_url else
-              "kvchat: no share link could be made (Gradio's share server is unreachable from this "
-              f"machine); the app is still serving locally at {local_url}", flush=True)  # fmt: skip
+              "kvchat: no share link could be made (Gradio could not reach its share service or fetch "
+              f"its tunnel client; see above); the app is still serving locally at {local_url}", flush=True)  # fmt: skip
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         while not holder.done or holder.ready:

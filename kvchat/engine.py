@@ -122,7 +122,9 @@ class Engine:
         arrived_s, arrived = time.time(), time.perf_counter()
         if not isinstance(session_id, str) or not session_id.strip():
             raise InputError("a session id (non-empty string) is required")
-        params = SamplingParams(max_new_tokens, _number(temperature, "temperature"), _number(top_p, "top-p"), seed)
+        params = SamplingParams(
+            _whole(max_new_tokens, "max new tokens"), _number(temperature, "temperature"), _number(top_p, "top-p"), seed
+        )
         params.validate(self.context_tokens)
         prompt = self._template.encode(messages)
         if len(prompt.token_ids) >= self.context_tokens:
@@ -332,6 +334,14 @@ def _number(value: Any, name: str) -> float:
         return float(value)
     except (TypeError, ValueError) as err:
         raise InputError(f"{name} must be a number, not {value!r}") from err
+
+
+def _whole(value: Any, name: str) -> int:
+    """Whole numbers, also as floats (a UI slider sends 256.0)."""
+    number = _number(value, name)
+    if not number.is_integer():
+        raise InputError(f"{name} must be a whole number, not {value!r}")
+    return int(number)
 
 
 def _opaque(session_id: str) -> str:

@@ -169,6 +169,8 @@ def test_failing_forward_reports_error_then_the_session_recovers(tiny_engine, ti
         ([{"role": "robot", "content": "x"}], {}, "role"),
         ([user("hi")], {"temperature": -1}, "temperature"),
         ([user("hi")], {"temperature": "warm"}, "temperature must be a number"),
+        ([user("hi")], {"max_new_tokens": 2.5}, "whole number"),
+        ([user("hi")], {"max_new_tokens": "many"}, "must be a number"),
         ([user("hi")], {"top_p": 0}, "top-p"),
         ([user("hi")], {"top_p": 1.5}, "top-p"),
         ([user("hi")], {"max_new_tokens": 0}, "max new tokens"),

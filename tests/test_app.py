@@ -5,6 +5,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -56,12 +58,21 @@ def stop_app(process: subprocess.Popen) -> None:
         process.wait(timeout=30)
 
 
+@contextmanager
+def running_app(folder: Path, *args: str) -> Iterator[tuple[str, Path]]:
+    """The app with its own usage log in `folder`: (url, db path), stopped afterwards."""
+    db = folder / "usage.db"
+    process, url = start_app("--usage-db", str(db), *args)
+    try:
+        yield url, db
+    finally:
+        stop_app(process)
+
+
 @pytest.fixture(scope="module")
 def app(tmp_path_factory, bundled_dir):
-    db = tmp_path_factory.mktemp("app") / "usage.db"
-    process, url = start_app("--usage-db", str(db))
-    yield url, db
-    stop_app(process)
+    with running_app(tmp_path_factory.mktemp("app")) as served:
+        yield served
 
 
 def ask(client: Client, text: str, history: list) -> list:

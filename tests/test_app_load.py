@@ -10,7 +10,7 @@ import sqlite_utils
 from gradio_client import Client
 
 from kvchat import Engine
-from test_app import run_app, start_app, stop_app
+from test_app import run_app, running_app, start_app, stop_app
 
 SYSTEM = "You are the helpdesk of a school. Answer in one sentence. " * 4
 SESSIONS, TURNS, NEW = 16, 5, 6
@@ -100,8 +100,7 @@ def test_sigterm_flushes_the_log_and_exits_cleanly(tiny_app):
 
 
 def test_full_queue_says_busy_and_the_rest_are_served(tiny_model_dir, tmp_path):
-    process, url = start_app("--model", str(tiny_model_dir), "--max-queue", "1", "--usage-db", str(tmp_path / "q.db"))
-    try:
+    with running_app(tmp_path, "--model", str(tiny_model_dir), "--max-queue", "1") as (url, _):
         jobs = [Client(url, verbose=False).submit("Write a very long story.", [], "", 2000, 0.0, 1.0, api_name="/chat")
                 for _ in range(5)]  # fmt: skip
         outcomes = []
@@ -115,8 +114,6 @@ def test_full_queue_says_busy_and_the_rest_are_served(tiny_model_dir, tmp_path):
         assert outcomes.count("served") >= 1 and busy
         assert all("queue" in o.lower() and "full" in o.lower() for o in busy), busy
         assert Client(url, verbose=False).predict("Still there?", [], "", 4, 0.0, 1.0, api_name="/chat")
-    finally:
-        stop_app(process)
 
 
 def test_auth_keeps_strangers_out(tiny_model_dir, tmp_path):

@@ -8,7 +8,7 @@ import sqlite_utils
 from gradio_client import Client
 from playwright.sync_api import Page, sync_playwright
 
-from test_app import start_app, stop_app
+from test_app import running_app
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
@@ -16,10 +16,8 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--d
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory, bundled_dir):
-    db = tmp_path_factory.mktemp("browser") / "usage.db"
-    process, url = start_app("--usage-db", str(db))
-    yield url, db
-    stop_app(process)
+    with running_app(tmp_path_factory.mktemp("browser")) as served:
+        yield served
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +53,13 @@ def send(page: Page, text: str) -> None:
 
 def badges(page: Page):
     return page.get_by_text("prompt tokens ·")
+
+
+def chat_once(page: Page, text: str, max_tokens: int) -> None:
+    """Send one message and wait for its reply to finish (its badge appears)."""
+    set_max_tokens(page, max_tokens)
+    send(page, text)
+    badges(page).first.wait_for(timeout=120_000)
 
 
 def last_reply_length(page: Page) -> int:
@@ -101,9 +106,7 @@ def test_stop_ends_generation_in_the_engine(page, app):
 
 
 def test_retry_and_edit_reuse_the_session_cache(page):
-    set_max_tokens(page, 12)
-    send(page, "Name three planets.")
-    badges(page).first.wait_for(timeout=120_000)
+    chat_once(page, "Name three planets.", 12)
     page.get_by_role("button", name="Retry").click()
     page.get_by_text("reused from this session").first.wait_for(timeout=120_000)
     page.get_by_role("button", name="Edit").first.click()
@@ -117,9 +120,7 @@ def test_retry_and_edit_reuse_the_session_cache(page):
 
 
 def test_stats_panel_shows_numbers_and_plots(page):
-    set_max_tokens(page, 8)
-    send(page, "Hello!")
-    badges(page).first.wait_for(timeout=120_000)
+    chat_once(page, "Hello!", 8)
     page.get_by_role("tab", name="Cache stats").click()
     page.get_by_text("Token hit rate:").first.wait_for(timeout=30_000)
     page.get_by_text("Bytes held:").first.wait_for()

@@ -83,7 +83,7 @@ class Engine:
         self._store: CacheStore[DynamicCache] = CacheStore(cache_budget_bytes)
         self._fingerprint = fingerprint([loaded.identity, str(loaded.dtype), self._template.template_text])
         self._salt = prefix_salt
-        self._eos_ids = _eos_ids(loaded)
+        self._eos_ids = frozenset(_eos_ids(loaded))
         self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvchat-model")
         self._lock = threading.Lock()  # held while a generation owns the model (`stats().busy`)
         self._counts_lock = threading.Lock()
@@ -151,7 +151,7 @@ class Engine:
     @property
     def eos_ids(self) -> frozenset[int]:
         """Token ids that end a reply."""
-        return frozenset(self._eos_ids)
+        return self._eos_ids
 
     def encode(self, messages: Sequence[Mapping[str, Any]]) -> Prompt:
         """The token ids a conversation renders to, and its shareable system-prefix length."""

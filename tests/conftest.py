@@ -80,12 +80,7 @@ def tiny_engine(tiny_loaded, usage_db: Path):
 
 def greedy_baseline(loaded: models.LoadedModel, engine: Engine, messages, max_new_tokens: int) -> str:
     """What plain `model.generate` answers on the whole conversation (the recompute baseline)."""
-    ids = engine.encode(messages).token_ids
-    out = loaded.model.generate(
-        torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-        max_new_tokens=max_new_tokens, do_sample=False,
-    )  # fmt: skip
-    new = [t for t in out[0, len(ids) :].tolist()]
-    if new and new[-1] in engine.eos_ids:
-        new = new[:-1]
-    return loaded.tokenizer.decode(new, skip_special_tokens=True)
+    from kvchat.bench.systems import Recompute
+
+    assert engine.loaded is loaded, "the baseline runs the engine's own model"
+    return Recompute(engine).reply("baseline", messages, max_new_tokens).text

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from kvchat.bench.systems import Floor, Messages, System, Turn
+from kvchat.chat import Prompt
 from kvchat.engine import Engine
 from kvchat.prefix import common_prefix_len
 from kvchat.presets import load_presets
@@ -65,15 +66,13 @@ class Oracle:
         self.fed: dict[tuple[int, str], list[int]] = {}
         self.prefixes: set[tuple[int, tuple[int, ...]]] = set()
 
-    def served(self, scope: int, session: str, messages: Messages) -> int:
-        prompt = self.engine.encode(messages)
+    def served(self, scope: int, session: str, prompt: Prompt) -> int:
         best = common_prefix_len(prompt.token_ids, self.fed.get((scope, session), []))
         if prompt.prefix_len and (scope, tuple(prompt.token_ids[: prompt.prefix_len])) in self.prefixes:
             best = max(best, prompt.prefix_len)
         return min(best, len(prompt.token_ids) - 1)
 
-    def record(self, scope: int, session: str, messages: Messages, turn: Turn) -> None:
-        prompt = self.engine.encode(messages)
+    def record(self, scope: int, session: str, prompt: Prompt, turn: Turn) -> None:
         reply_ids = self.engine.loaded.tokenizer(turn.text, add_special_tokens=False)["input_ids"]
         fed_reply = turn.new_tokens - (1 if turn.finish_reason == "length" else 0)
         self.fed[(scope, session)] = prompt.token_ids + reply_ids[: max(0, fed_reply)]
@@ -102,9 +101,10 @@ class Bench:
     def ask_kvchat(self, workload: str, point: str, session: str, messages: Messages, system: System | None = None,
                    max_new_tokens: int | None = None, key: str | None = None) -> Turn:  # fmt: skip
         system = system or self.kvchat
-        served = self.oracle.served(id(system), session, messages)  # scope: one cache store
+        prompt = self.engine.encode(messages)
+        served = self.oracle.served(id(system), session, prompt)  # scope: one cache store
         turn = system.reply(session, messages, max_new_tokens or self.new_tokens)
-        self.oracle.record(id(system), session, messages, turn)
+        self.oracle.record(id(system), session, prompt, turn)
         engine = getattr(system, "engine", self.engine)
         stats = engine.stats()
         self.rows.append(Row.of(workload, "kvchat", point, turn, oracle_tokens=served,

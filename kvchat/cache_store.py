@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from kvchat.lru import ByteBudgetLRU, Entry, Eviction
+from kvchat.lru import Admission, ByteBudgetLRU, Entry
 from kvchat.prefix import PrefixKey
 
 C = TypeVar("C")
@@ -67,6 +67,11 @@ class CacheStore(Generic[C]):
     def evictions(self) -> int:
         return self._lru.evictions
 
+    @property
+    def not_admitted(self) -> int:
+        """Entries refused because they could not fit the budget (they evicted nothing)."""
+        return self._lru.not_admitted
+
     def checkout_session(self, session_id: str) -> CachedKV[C] | None:
         """The session's cache, pinned until `checkin_session`; None if it has none."""
         key = session_key(session_id)
@@ -77,15 +82,16 @@ class CacheStore(Generic[C]):
             self._lru.pin(key)
             return entry.value
 
-    def checkin_session(self, session_id: str, kv: CachedKV[C], nbytes: int) -> list[Eviction]:
-        """Store the session's grown cache and release its pin; evicts to fit the budget."""
+    def checkin_session(self, session_id: str, kv: CachedKV[C], nbytes: int) -> Admission:
+        """Store the session's grown cache and release its checkout pin; evicts to fit the budget.
+        A cache too big to fit is not kept (the next request of the session starts over)."""
         key = session_key(session_id)
         with self._lock:
-            evicted = self._lru.put(key, kv, nbytes, len(kv.token_ids))
+            admission = self._lru.put(key, kv, nbytes, len(kv.token_ids))
             entry = self._lru.peek(key)
             if entry is not None and entry.pins > 0:  # pinned by our checkout
-                evicted += self._lru.unpin(key)
-            return evicted
+                self._lru.unpin(key)
+            return admission
 
     def release_session(self, session_id: str) -> None:
         """Release a checkout without storing anything (the cache was dropped after a failure)."""
@@ -126,13 +132,9 @@ class CacheStore(Generic[C]):
         with self._lock:
             return key in self._lru
 
-    def put_prefix(self, key: PrefixKey, kv: CachedKV[C], nbytes: int) -> list[Eviction]:
+    def put_prefix(self, key: PrefixKey, kv: CachedKV[C], nbytes: int) -> Admission:
         with self._lock:
             return self._lru.put(key, kv, nbytes, len(kv.token_ids))
-
-    def fits(self, nbytes: int) -> bool:
-        with self._lock:
-            return self._lru.fits(nbytes)
 
     def entries(self) -> list[EntryInfo]:
         with self._lock:

@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from kvchat.chat import ChatTemplate, Prompt, TextStream
 from kvchat.config import parse_bytes
 from kvchat.errors import GenerationError, InputError
 from kvchat.generation import Generation
-from kvchat.lru import Eviction
+from kvchat.lru import Admission, Eviction
 from kvchat.prefix import PrefixKey, common_prefix_len, fingerprint, prefix_key
 from kvchat.sampling import SamplingParams, next_token
 from kvchat.usage import Reply, Usage
@@ -44,6 +44,7 @@ class CacheStats:
     prompt_tokens: int
     cached_tokens: int
     evictions: int
+    not_admitted: int  # caches too big to keep beside the pinned ones (they evicted nothing)
     collisions: int  # prefix hash matches whose token ids differed (served nothing)
     busy: bool  # a generation holds the model right now
 
@@ -60,7 +61,7 @@ class _Start:
     token_ids: list[int]
     source: str  # "session" | "prefix" | "none"
     cached_tokens: int  # served from cache (0 when the prefix was computed by this request)
-    evictions: list[Eviction] = field(default_factory=list)
+    published: Admission | None = None  # storing the prefix this request computed for others
 
 
 class Engine:
@@ -85,7 +86,7 @@ class Engine:
         self._salt = prefix_salt
         self._eos_ids = frozenset(_eos_ids(loaded))
         self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvchat-model")
-        self._lock = threading.Lock()  # held while a generation owns the model (`stats().busy`)
+        self._busy = threading.Event()  # set while a generation owns the model (`stats().busy`)
         self._counts_lock = threading.Lock()
         self._requests = self._hits = self._prompt_tokens = self._cached_tokens = 0
 
@@ -116,12 +117,19 @@ class Engine:
         temperature: float = 0.0,
         top_p: float = 1.0,
         seed: int | None = None,
+        cache_salt: str | None = None,
     ) -> Generation:
         """Start a reply to the whole conversation `messages`. Bad input raises InputError here,
-        before any work; iterate the result for text pieces, then read `.usage`."""
+        before any work; iterate the result for text pieces, then read `.usage`.
+
+        `cache_salt` scopes sharing: system-prompt caches are shared only between requests with the
+        same salt (None: the engine's `prefix_salt`)."""
         arrived_s, arrived = time.time(), time.perf_counter()
         if not isinstance(session_id, str) or not session_id.strip():
             raise InputError("a session id (non-empty string) is required")
+        if cache_salt is not None and not isinstance(cache_salt, str):
+            raise InputError(f"cache_salt must be a string, not {type(cache_salt).__name__}")
+        salt = self._salt if cache_salt is None else cache_salt
         params = SamplingParams(
             _whole(max_new_tokens, "max new tokens"), _number(temperature, "temperature"), _number(top_p, "top-p"), seed
         )
@@ -137,7 +145,7 @@ class Engine:
             prompt_tokens=len(prompt.token_ids),
         )  # fmt: skip
         def work(generation: Generation) -> Usage:
-            return self._serve(generation, session_id, prompt, params, usage, arrived)
+            return self._serve(generation, session_id, prompt, params, salt, usage, arrived)
 
         return Generation(work, self._model_thread).start()
 
@@ -175,8 +183,9 @@ class Engine:
             prompt_tokens=prompt_tokens,
             cached_tokens=cached_tokens,
             evictions=self._store.evictions,
+            not_admitted=self._store.not_admitted,
             collisions=self._store.collisions,
-            busy=self._lock.locked(),
+            busy=self._busy.is_set(),
         )
 
     def usage_summary(self) -> UsageSummary | None:
@@ -201,17 +210,18 @@ class Engine:
 
     # --- one request, on the model thread ---
     def _serve(
-        self, generation: Generation, session_id: str, prompt: Prompt, params: SamplingParams,
+        self, generation: Generation, session_id: str, prompt: Prompt, params: SamplingParams, salt: str,
         usage: Usage, arrived: float,
     ) -> Usage:  # fmt: skip
         evictions: list[Eviction] = []
-        with self._lock:
+        self._busy.set()
+        try:
             usage.wait_ms = _ms_since(arrived)
             session_kv = self._store.checkout_session(session_id)
             try:
                 with torch.inference_mode():
-                    start = self._start_for(session_kv, prompt, params)
-                    evictions += start.evictions
+                    start = self._start_for(session_kv, prompt, params, salt)
+                    _account(start.published, usage, evictions)
                     usage.cached_tokens, usage.cache_source = start.cached_tokens, start.source
                     cache_ids = self._generate(generation, start, prompt, params, usage, arrived)
             except BaseException as err:
@@ -221,12 +231,14 @@ class Engine:
                 self._finish(usage, evictions, prompt.user_text, generation.text)
                 raise GenerationError(f"generation failed: {err}", usage) from err
             kv = CachedKV(cache_ids, start.cache)
-            evictions += self._store.checkin_session(session_id, kv, hf_cache.kv_nbytes(start.cache))
+            _account(self._store.checkin_session(session_id, kv, hf_cache.kv_nbytes(start.cache)), usage, evictions)
+        finally:
+            self._busy.clear()
         usage.total_ms = _ms_since(arrived)
         self._finish(usage, evictions, prompt.user_text, generation.text)
         return usage
 
-    def _start_for(self, session_kv: CachedKV | None, prompt: Prompt, params: SamplingParams) -> _Start:
+    def _start_for(self, session_kv: CachedKV | None, prompt: Prompt, params: SamplingParams, salt: str) -> _Start:
         """Pick the cache that covers the most leading tokens; at least one token is left to feed,
         because the reply's first token needs the logits of the last prompt position."""
         ids = prompt.token_ids
@@ -235,15 +247,15 @@ class Engine:
         if session_kv is not None:
             reusable = min(common_prefix_len(session_kv.token_ids, ids), len(ids) - 1)
         if prompt.prefix_len > reusable:
-            return self._start_from_prefix(ids[: prompt.prefix_len], needed)
+            return self._start_from_prefix(ids[: prompt.prefix_len], needed, salt)
         if session_kv is not None and reusable > 0:
             hf_cache.truncate_to(session_kv.cache, reusable)
             hf_cache.reserve(session_kv.cache, needed)
             return _Start(session_kv.cache, ids[:reusable], "session", reusable)
         return _Start(hf_cache.new_cache(self._model, needed), [], "none", 0)
 
-    def _start_from_prefix(self, prefix_ids: list[int], needed: int) -> _Start:
-        key = prefix_key(self._fingerprint, prefix_ids, self._salt)
+    def _start_from_prefix(self, prefix_ids: list[int], needed: int, salt: str) -> _Start:
+        key = prefix_key(self._fingerprint, prefix_ids, salt)
         with self._store.using_prefix(key, prefix_ids) as shared:
             if shared is not None:
                 cache = hf_cache.clone(self._model, shared.cache, reserve_tokens=needed - len(prefix_ids))
@@ -252,13 +264,10 @@ class Engine:
         self._forward(cache, prefix_ids)
         return _Start(cache, list(prefix_ids), "none", 0, self._publish_prefix(key, prefix_ids, cache))
 
-    def _publish_prefix(self, key: PrefixKey, prefix_ids: list[int], cache: DynamicCache) -> list[Eviction]:
+    def _publish_prefix(self, key: PrefixKey, prefix_ids: list[int], cache: DynamicCache) -> Admission:
         """Store an exact-size copy of the just-computed system prefix for other sessions."""
         copy = hf_cache.clone(self._model, cache, num_tokens=len(prefix_ids))
-        nbytes = hf_cache.kv_nbytes(copy)
-        if not self._store.fits(nbytes):
-            return []
-        return self._store.put_prefix(key, CachedKV(list(prefix_ids), copy), nbytes)
+        return self._store.put_prefix(key, CachedKV(list(prefix_ids), copy), hf_cache.kv_nbytes(copy))
 
     def _generate(
         self, generation: Generation, start: _Start, prompt: Prompt, params: SamplingParams,
@@ -317,6 +326,13 @@ class Engine:
             self._cached_tokens += usage.cached_tokens
         if self.usage_log is not None:
             self.usage_log.record(usage, evictions, user_text=user_text, reply_text=reply_text)
+
+
+def _account(admission: Admission | None, usage: Usage, evictions: list[Eviction]) -> None:
+    """Add what storing a cache cost (evictions) or failed to do (not admitted) to the request."""
+    if admission is not None:
+        evictions += admission.evicted
+        usage.not_admitted += not admission.admitted
 
 
 def _eos_ids(loaded: models.LoadedModel) -> set[int]:

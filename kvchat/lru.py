@@ -1,10 +1,10 @@
 """A byte-budgeted LRU map with pinning. Generic and torch-free, so its rules are testable alone.
 
 Rules a caller may rely on:
-- after any call returns, the sum of `nbytes` of held entries is <= `budget_bytes`, unless pinned
-  entries alone exceed it (pinned entries are never evicted);
-- eviction takes the least recently used unpinned entry first;
-- an entry larger than the whole budget is not kept (`put` reports it as evicted).
+- after any call returns, the sum of `nbytes` of held entries is <= `budget_bytes`;
+- pinned entries are never evicted; eviction takes the least recently used unpinned entry first;
+- an entry that cannot fit, even with every other unpinned entry gone, is not admitted and evicts
+  nothing: one oversized conversation must not wipe every other session's cache.
 """
 
 from __future__ import annotations
@@ -37,6 +37,14 @@ class Eviction:
     num_tokens: int
 
 
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """What a `put` did: whether the entry is held now, and what it evicted to make room."""
+
+    admitted: bool
+    evicted: list[Eviction]
+
+
 class ByteBudgetLRU(Generic[V]):
     """Entries under one byte budget; `OrderedDict` order is recency (last = most recent)."""
 
@@ -47,6 +55,7 @@ class ByteBudgetLRU(Generic[V]):
         self._entries: OrderedDict[str, Entry[V]] = OrderedDict()
         self._clock = clock
         self.evictions = 0
+        self.not_admitted = 0  # puts refused because the entry could not fit
 
     def __contains__(self, key: str) -> bool:
         return key in self._entries
@@ -75,20 +84,26 @@ class ByteBudgetLRU(Generic[V]):
         """Look up without changing recency or hit counts."""
         return self._entries.get(key)
 
-    def put(self, key: str, value: V, nbytes: int, num_tokens: int) -> list[Eviction]:
-        """Insert or replace, then evict until within budget. Keeps pins and hits of a replaced entry.
+    def put(self, key: str, value: V, nbytes: int, num_tokens: int) -> Admission:
+        """Insert or replace, evicting least recently used unpinned entries to make room. Keeps pins
+        and hits of a replaced entry.
 
-        Returns what was evicted, the new entry itself included when it cannot fit.
+        If the entry cannot fit beside the pinned ones, nothing is evicted and it is not kept; an
+        entry it was to replace goes too, since its value is stale.
         """
         if nbytes < 0:
             raise ValueError("nbytes must be >= 0")
         old = self._entries.pop(key, None)
+        pinned_bytes = sum(e.nbytes for e in self._entries.values() if e.pins > 0)
+        if pinned_bytes + nbytes > self.budget_bytes:
+            self.not_admitted += 1
+            return Admission(admitted=False, evicted=[])
         entry = Entry(key=key, value=value, nbytes=nbytes, num_tokens=num_tokens)
         if old is not None:
             entry.pins, entry.hits, entry.created_s = old.pins, old.hits, old.created_s
         self._entries[key] = entry
         self._touch(entry)
-        return self._evict_until_fits()
+        return Admission(admitted=True, evicted=self._evict_until_fits())
 
     def pop(self, key: str) -> Entry[V] | None:
         """Remove without counting an eviction (the owner ended it)."""
@@ -97,29 +112,23 @@ class ByteBudgetLRU(Generic[V]):
     def pin(self, key: str) -> None:
         self._entries[key].pins += 1
 
-    def unpin(self, key: str) -> list[Eviction]:
-        """Release one pin; an entry kept over budget only by its pin may be evicted now."""
+    def unpin(self, key: str) -> None:
+        """Release one pin (a no-op for an entry that is gone)."""
         entry = self._entries.get(key)
         if entry is None:
-            return []
+            return
         assert entry.pins > 0, f"unpin without pin: {key}"
         entry.pins -= 1
-        return self._evict_until_fits()
-
-    def fits(self, nbytes: int) -> bool:
-        """Whether `nbytes` more could be held by evicting only unpinned entries."""
-        pinned = sum(e.nbytes for e in self._entries.values() if e.pins > 0)
-        return pinned + nbytes <= self.budget_bytes
 
     def _touch(self, entry: Entry[V]) -> None:
         entry.last_used_s = self._clock()
         self._entries.move_to_end(entry.key)
 
     def _evict_until_fits(self) -> list[Eviction]:
+        """Evict unpinned entries, least recently used first, until the budget holds. `put` admits
+        only what fits beside the pinned entries, so the newest entry is never reached."""
         evicted: list[Eviction] = []
         used = self.used_bytes
-        if used <= self.budget_bytes:
-            return evicted
         for entry in list(self._entries.values()):  # least recently used first
             if used <= self.budget_bytes:
                 break
@@ -128,5 +137,6 @@ class ByteBudgetLRU(Generic[V]):
             del self._entries[entry.key]
             used -= entry.nbytes
             evicted.append(Eviction(entry.key, entry.nbytes, entry.num_tokens))
+        assert used <= self.budget_bytes, "admitted an entry that does not fit"
         self.evictions += len(evicted)
         return evicted

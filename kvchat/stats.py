@@ -38,6 +38,7 @@ def badge_detail(usage: Usage) -> str:
         f"{usage.new_tokens} new tokens in {usage.total_ms / 1000:.2f} s{waited}; finish: "
         f"{usage.finish_reason}; cache now holds {format_bytes(usage.cache_bytes)}"
         + (f"; evicted {usage.evictions} entr{'y' if usage.evictions == 1 else 'ies'}" if usage.evictions else "")
+        + ("; too big for the cache budget, so not kept" if usage.not_admitted else "")
     )
 
 
@@ -58,7 +59,8 @@ def panel_markdown(stats: CacheStats, summary: UsageSummary | None, log_warning:
         f"- **Bytes held:** {format_bytes(stats.used_bytes)} of {format_bytes(stats.budget_bytes)} "
         f"budget ({used_pct:.1f}%)",
         f"- **Entries:** {sessions} session cache(s), {prefixes} shared prefix(es)",
-        f"- **Evictions so far:** {stats.evictions:,}",
+        f"- **Evictions so far:** {stats.evictions:,}"
+        + (f" · **not admitted** (bigger than the budget allows): {stats.not_admitted:,}" if stats.not_admitted else ""),
     ]
     if stats.collisions:
         lines.append(f"- **Hash collisions caught:** {stats.collisions} (nothing wrong was served)")

@@ -25,6 +25,7 @@ class Usage:
     cache_bytes: int = 0  # bytes all cached KV held after this request
     budget_bytes: int = 0  # the byte budget they were held under
     evictions: int = 0  # cache entries this request evicted
+    not_admitted: int = 0  # caches this request computed but could not keep (too big for the budget)
 
     @property
     def prefilled_tokens(self) -> int:

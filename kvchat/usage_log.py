@@ -59,8 +59,13 @@ def m004_budget(db: sqlite_utils.Database) -> None:
     db["requests"].add_column("budget_bytes", int)
 
 
+def m005_not_admitted(db: sqlite_utils.Database) -> None:
+    """Caches a request could not keep because they alone did not fit the budget."""
+    db["requests"].add_column("not_admitted", int, not_null_default=0)
+
+
 MIGRATIONS: Sequence[Callable[[sqlite_utils.Database], None]] = (
-    m001_requests, m002_evictions, m003_message_text, m004_budget,
+    m001_requests, m002_evictions, m003_message_text, m004_budget, m005_not_admitted,
 )
 
 

@@ -18,10 +18,13 @@ def test_prefix_in_use_is_pinned():
     key = PrefixKey("prefix:p")
     store.put_prefix(key, CachedKV([1], "p"), nbytes=60)
     with store.using_prefix(key, [1]):
-        store.checkin_session("s", CachedKV([1, 2], "s"), nbytes=60)  # cannot evict the pinned prefix
+        admission = store.checkin_session("s", CachedKV([1, 2], "s"), nbytes=60)  # cannot evict the pinned prefix
+        assert not admission.admitted and admission.evicted == []
         assert store.has_prefix(key)
         assert not store.has_session("s")
-    assert store.used_bytes <= 100
+    admission = store.checkin_session("s", CachedKV([1, 2], "s"), nbytes=60)  # unpinned now: the prefix goes
+    assert admission.admitted and [e.key for e in admission.evicted] == [key]
+    assert store.not_admitted == 1
 
 
 def test_session_checkout_pins_until_checkin_and_budget_holds_after():
@@ -31,9 +34,10 @@ def test_session_checkout_pins_until_checkin_and_budget_holds_after():
     assert kv is not None and kv.cache == "a1"
     store.put_prefix(PrefixKey("prefix:x"), CachedKV([7], "x"), nbytes=80)  # "a" is pinned: x can't fit
     assert store.has_session("a") and not store.has_prefix(PrefixKey("prefix:x"))
-    evicted = store.checkin_session("a", CachedKV([1, 2], "a2"), nbytes=120)  # grew past the budget
-    assert [e.key for e in evicted] == ["session:a"]
-    assert store.used_bytes == 0
+    admission = store.checkin_session("a", CachedKV([1, 2], "a2"), nbytes=120)  # grew past the budget
+    assert not admission.admitted and admission.evicted == []
+    assert not store.has_session("a") and store.used_bytes == 0
+    assert store.checkout_session("a") is None  # the next turn starts over, nothing stale is served
 
 
 def test_release_drops_a_checked_out_session():

@@ -9,6 +9,7 @@ from conftest import greedy_baseline
 from kvchat import Engine, GenerationError, InputError
 from kvchat import engine as engine_module
 from kvchat import hf_cache
+from kvchat.bench.meter import reachable_tensor_bytes
 from kvchat.prefix import PrefixKey
 from kvchat.usage_log import UsageLog
 
@@ -80,29 +81,44 @@ def test_budget_holds_after_every_request_and_evicted_sessions_still_answer(tiny
     conversations = {f"s{i}": [SYSTEM, user(f"Question number {i} about comets?")] for i in range(8)}
     for name, messages in itertools.chain(conversations.items(), conversations.items()):
         reply = engine.chat(name, messages, max_new_tokens=NEW)
-        stats = engine.stats()
-        assert stats.used_bytes <= stats.budget_bytes
-        assert stats.used_bytes == sum(e.nbytes for e in stats.entries)
+        held = reachable_tensor_bytes(engine)  # counted from the tensors, not from the store's ledger
+        assert 0 < held <= engine.stats().budget_bytes
+        assert held == engine.stats().used_bytes
         assert reply.text == greedy_baseline(tiny_loaded, engine, messages, NEW)
     assert engine.stats().evictions > 0
     engine.close()
 
 
-def test_request_bigger_than_the_whole_budget_still_answers(tiny_loaded):
+def test_request_bigger_than_the_whole_budget_answers_and_is_not_kept(tiny_loaded):
     engine = Engine(tiny_loaded, cache_budget_bytes=1024, usage_log=None)
     messages = [SYSTEM, user("Hello?")]
     reply = engine.chat("alice", messages, max_new_tokens=NEW)
     assert reply.text == greedy_baseline(tiny_loaded, engine, messages, NEW)
-    assert engine.stats().used_bytes == 0
-    assert reply.usage.evictions >= 1  # its own cache could not be kept
+    assert reachable_tensor_bytes(engine) == engine.stats().used_bytes == 0
+    assert (reply.usage.not_admitted, reply.usage.evictions) == (2, 0)  # neither its prefix nor its session
+    assert engine.stats().not_admitted == 2
 
 
-def test_cached_bytes_are_the_real_tensor_bytes(tiny_engine, tiny_loaded):
+def test_an_oversized_conversation_does_not_wipe_other_sessions(tiny_loaded):
+    small = hf_cache.kv_nbytes(_filled_cache(tiny_loaded, 60))
+    engine = Engine(tiny_loaded, cache_budget_bytes=3 * small, usage_log=None)
+    short = {name: [user(f"Hi, I am {name}.")] for name in ("alice", "bob")}
+    for name, messages in short.items():
+        engine.chat(name, messages, max_new_tokens=NEW)
+    huge = [user("Tell me everything about comets. " * 200)]  # ~1,250 tokens: over the 768-position budget
+    reply = engine.chat("carol", huge, max_new_tokens=NEW)
+    assert reply.usage.not_admitted == 1 and reply.usage.evictions == 0
+    for name, messages in short.items():  # both still find their own cache
+        follow = engine.chat(name, grow(messages, "Hello.", "And then?"), max_new_tokens=NEW)
+        assert follow.usage.cache_source == "session" and follow.usage.cached_tokens > 10
+
+
+def test_cached_bytes_are_the_real_tensor_bytes(tiny_engine):
     tiny_engine.chat("alice", [user("Hi")], max_new_tokens=NEW)
-    entry = tiny_engine.stats().entries[0]
-    cache = tiny_engine._store.checkout_session("alice").cache
-    real = sum(t.untyped_storage().nbytes() for layer in cache.layers for t in (layer._kbuf, layer._vbuf))
-    assert entry.nbytes == real > 0
+    tiny_engine.chat("bob", [SYSTEM, user("Hi")], max_new_tokens=NEW)
+    stats = tiny_engine.stats()
+    assert len(stats.entries) == 3  # two sessions and the shared prefix
+    assert stats.used_bytes == sum(e.nbytes for e in stats.entries) == reachable_tensor_bytes(tiny_engine) > 0
 
 
 def test_hash_collision_never_serves_wrong_kv(tiny_engine, tiny_loaded, monkeypatch):
@@ -115,13 +131,15 @@ def test_hash_collision_never_serves_wrong_kv(tiny_engine, tiny_loaded, monkeypa
     assert reply.text == greedy_baseline(tiny_loaded, tiny_engine, other, NEW)
 
 
-def test_prefix_salt_scopes_sharing(tiny_loaded):
-    a = Engine(tiny_loaded, cache_budget_bytes=2**26, prefix_salt="team-a")
-    a.chat("alice", [SYSTEM, user("Hi")], max_new_tokens=2)
-    key_a = next(e.key for e in a.stats().entries if e.kind == "prefix")
-    b = Engine(tiny_loaded, cache_budget_bytes=2**26, prefix_salt="team-b")
-    b.chat("bob", [SYSTEM, user("Hi")], max_new_tokens=2)
-    assert key_a != next(e.key for e in b.stats().entries if e.kind == "prefix")
+def test_cache_salt_scopes_sharing_of_system_prompts(tiny_loaded):
+    engine = Engine(tiny_loaded, cache_budget_bytes=2**26, prefix_salt="default-team")
+    messages = [SYSTEM, user("Hi")]
+    sources = {}
+    for name, salt in (("alice", "team-a"), ("bob", "team-b"), ("carol", "team-a"), ("dave", None), ("erin", None)):
+        sources[name] = engine.chat(name, messages, max_new_tokens=2, cache_salt=salt).usage.cache_source
+    assert sources == {"alice": "none", "bob": "none", "carol": "prefix", "dave": "none", "erin": "prefix"}
+    with pytest.raises(InputError, match="cache_salt"):
+        engine.stream("frank", messages, cache_salt=7)
 
 
 def test_stop_mid_reply_cancels_the_backend_and_the_session_stays_exact(tiny_engine, tiny_loaded):
@@ -140,24 +158,26 @@ def test_stop_mid_reply_cancels_the_backend_and_the_session_stays_exact(tiny_eng
     assert reply.text == greedy_baseline(tiny_loaded, tiny_engine, follow, NEW)
 
 
-def test_failing_forward_reports_error_then_the_session_recovers(tiny_engine, tiny_loaded, monkeypatch):
+def test_failing_forward_reports_error_then_the_session_recovers(tiny_engine, tiny_loaded):
     messages = [SYSTEM, user("Hello there")]
     tiny_engine.chat("alice", messages, max_new_tokens=NEW)
-    real_forward, calls = tiny_engine._forward, itertools.count()
+    calls = itertools.count()
 
-    def flaky(cache, token_ids):
-        if next(calls) == 3:
+    def flaky(module, args, kwargs):
+        if next(calls) == 3:  # the fourth forward: mid-reply, after the cache was written
             raise RuntimeError("injected fault")
-        return real_forward(cache, token_ids)
 
-    monkeypatch.setattr(tiny_engine, "_forward", flaky)
+    hook = tiny_loaded.model.register_forward_pre_hook(flaky, with_kwargs=True)
     follow = grow(messages, "ok", "What next?")
-    with pytest.raises(GenerationError, match="injected fault") as failure:
-        tiny_engine.chat("alice", follow, max_new_tokens=NEW)
+    try:
+        with pytest.raises(GenerationError, match="injected fault") as failure:
+            tiny_engine.chat("alice", follow, max_new_tokens=NEW)
+    finally:
+        hook.remove()
     assert failure.value.usage.finish_reason == "error"
-    assert not tiny_engine._store.has_session("alice")  # the half-written cache was dropped
-    monkeypatch.setattr(tiny_engine, "_forward", real_forward)
+    assert [e.kind for e in tiny_engine.stats().entries] == ["prefix"]  # the half-written session was dropped
     reply = tiny_engine.chat("alice", follow, max_new_tokens=NEW)
+    assert reply.usage.cache_source == "prefix"  # started over from what could be trusted
     assert reply.text == greedy_baseline(tiny_loaded, tiny_engine, follow, NEW)
 
 

@@ -5,15 +5,19 @@ import pytest
 from kvchat.lru import ByteBudgetLRU
 
 
+def held(lru: ByteBudgetLRU) -> set[str]:
+    return {entry.key for entry in lru.entries()}
+
+
 def test_evicts_least_recently_used_first():
     lru = ByteBudgetLRU[str](budget_bytes=300)
     lru.put("a", "A", 100, 1)
     lru.put("b", "B", 100, 1)
     lru.put("c", "C", 100, 1)
     lru.get("a")  # a is now the most recent; b is the oldest
-    evicted = lru.put("d", "D", 100, 1)
-    assert [e.key for e in evicted] == ["b"]
-    assert set(e.key for e in lru.entries()) == {"a", "c", "d"}
+    admission = lru.put("d", "D", 100, 1)
+    assert admission.admitted and [e.key for e in admission.evicted] == ["b"]
+    assert held(lru) == {"a", "c", "d"}
     assert lru.evictions == 1
 
 
@@ -21,26 +25,48 @@ def test_pinned_entry_is_never_evicted_and_goes_once_unpinned():
     lru = ByteBudgetLRU[str](budget_bytes=200)
     lru.put("old", "x", 150, 1)
     lru.pin("old")
-    evicted = lru.put("new", "y", 100, 1)
-    assert [e.key for e in evicted] == ["new"]  # only the unpinned newcomer could go
-    assert "old" in lru
-    lru.put("new", "y", 40, 1)
-    assert lru.used_bytes == 190
-    lru.put("big", "z", 60, 1)  # over budget: "new" (older, unpinned) goes, "old" stays
-    assert "old" in lru and "new" not in lru
-    lru.pin("old")
-    lru.unpin("old")
-    lru.unpin("old")
-    assert lru.used_bytes <= 200
+    refused = lru.put("new", "y", 100, 1)  # 150 pinned + 100 > 200: refused, nothing evicted
+    assert not refused.admitted and refused.evicted == []
+    assert held(lru) == {"old"}
+    assert [e.key for e in lru.put("new", "y", 40, 1).evicted] == []
+    assert held(lru) == {"old", "new"} and lru.used_bytes == 190
+    admission = lru.put("big", "z", 50, 1)  # over budget: "new" (unpinned) goes, pinned "old" stays
+    assert [e.key for e in admission.evicted] == ["new"]
+    assert held(lru) == {"old", "big"}
+    lru.get("old")  # now the most recent, yet the older "big" must not go while "old" is pinned
+    lru.unpin("old")  # unpinned: the least recently used is now "big"
+    admission = lru.put("late", "w", 100, 1)
+    assert [e.key for e in admission.evicted] == ["big", "old"]
+    assert held(lru) == {"late"}
 
 
-def test_entry_larger_than_budget_is_not_kept():
+def test_entry_larger_than_budget_is_refused_and_evicts_nothing():
     lru = ByteBudgetLRU[str](budget_bytes=100)
     lru.put("small", "s", 50, 1)
-    evicted = lru.put("huge", "h", 101, 1)
-    assert "huge" in {e.key for e in evicted}
-    assert "huge" not in lru
-    assert lru.used_bytes <= 100
+    lru.put("other", "o", 30, 1)
+    admission = lru.put("huge", "h", 101, 1)
+    assert not admission.admitted and admission.evicted == []
+    assert held(lru) == {"small", "other"}  # one oversized conversation wipes no other session
+    assert (lru.evictions, lru.not_admitted) == (0, 1)
+
+
+def test_entry_that_fits_only_without_the_pinned_ones_is_refused():
+    lru = ByteBudgetLRU[str](budget_bytes=100)
+    lru.put("pinned", "p", 60, 1)
+    lru.pin("pinned")
+    lru.put("idle", "i", 30, 1)
+    admission = lru.put("mid", "m", 50, 1)  # 60 pinned + 50 > 100 whatever is evicted
+    assert not admission.admitted and admission.evicted == []
+    assert held(lru) == {"pinned", "idle"}
+
+
+def test_a_replacement_too_big_to_fit_drops_the_stale_entry_only():
+    lru = ByteBudgetLRU[str](budget_bytes=100)
+    lru.put("a", "a1", 40, 1)
+    lru.put("b", "b1", 40, 1)
+    admission = lru.put("a", "a2", 120, 3)  # "a" grew past the budget: its old value is stale
+    assert not admission.admitted and admission.evicted == []
+    assert held(lru) == {"b"}
 
 
 def test_replace_keeps_pins_and_hits_and_recounts_bytes():
@@ -71,9 +97,9 @@ def test_budget_holds_under_random_operations():
         else:
             lru.get(key)
         pinned = [k for k in pinned if k in lru]
-        pinned_bytes = sum(e.nbytes for e in lru.entries() if e.pins)
-        assert lru.used_bytes <= max(lru.budget_bytes, pinned_bytes)
+        assert lru.used_bytes <= lru.budget_bytes
         assert all(e.pins >= 0 for e in lru.entries())
+        assert all(lru.peek(k) is not None and lru.peek(k).pins > 0 for k in pinned)
 
 
 def test_negative_sizes_are_refused():

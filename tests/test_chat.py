@@ -49,3 +49,40 @@ def test_text_stream_holds_back_split_characters(tokenizer):
     pieces = [stream.push(i) for i in ids] + [stream.flush()]
     assert "".join(pieces) == "héllo 🙂 wörld"
     assert all("\ufffd" not in p for p in pieces)
+
+
+STREAMED = [
+    "héllo 🙂 wörld",
+    "family: 👨‍👩‍👧‍👦, flags 🇫🇷🇯🇵, skin tone 👍🏽",
+    "中文、日本語のテキスト、한국어 텍스트",
+    "def f(x):\n    return {'a': [1, 2]}  # indented code\n\n\tTabbed line",
+    "e\u0301 combining, ﬁ ligature, Ωmega, ß, ℕ",
+    "  leading spaces and trailing  ",
+]
+
+
+@pytest.mark.parametrize("text", STREAMED)
+def test_text_stream_pieces_join_to_the_full_decode(tokenizer, text):
+    template = ChatTemplate(tokenizer)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    stream = TextStream(template)
+    pieces = [stream.push(i) for i in ids] + [stream.flush()]
+    assert "".join(pieces) == template.decode(ids)
+    assert all("\ufffd" not in p for p in pieces)
+
+
+def test_text_stream_work_per_token_does_not_grow_with_the_reply(tokenizer):
+    """Decoding the whole reply at every token is quadratic; the window keeps it linear."""
+    decoded_ids = []
+
+    class Counting(ChatTemplate):
+        def decode(self, token_ids):
+            decoded_ids.append(len(token_ids))
+            return super().decode(token_ids)
+
+    ids = tokenizer(" ".join(STREAMED) * 20, add_special_tokens=False)["input_ids"]
+    assert len(ids) > 1000
+    stream = TextStream(Counting(tokenizer))
+    text = "".join(stream.push(i) for i in ids) + stream.flush()
+    assert text == tokenizer.decode(ids, skip_special_tokens=True)
+    assert sum(decoded_ids) < 12 * len(ids)  # whole-reply decoding would be ~len(ids)**2 / 2

@@ -162,6 +162,11 @@ def truncate_to(cache: DynamicCache, num_tokens: int) -> None:
         cache.crop(num_tokens - current)
 
 
+def capacity_tokens(cache: DynamicCache) -> int:
+    """Positions every layer can hold without reallocating."""
+    return min(layer.capacity_tokens for layer in cache.layers)
+
+
 def num_tokens_of(cache: DynamicCache) -> int:
     return cache.get_seq_length()
 

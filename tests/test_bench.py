@@ -1,31 +1,149 @@
-"""The bench's --quick machinery on the tiny model: the JSON shape and a consistent summary."""
+"""The bench's machinery on the tiny model: its measurements must catch what they claim to catch."""
 
 import json
 
-from kvchat.bench import PEERS, Plan, report, run
+import pytest
+import torch
 
-TINY = Plan(points=(150, 400), follow_ups=2, recompute_repeats=1, shared_sessions=3, shared_rounds=1,
-            new_tokens=4, decode_tokens=6, decode_repeats=1, pressure_sessions=5, pressure_exact=2)  # fmt: skip
+from kvchat import Engine
+from kvchat.bench import Plan, report, run, systems, workloads
+from kvchat.bench import __main__ as bench_main
+from kvchat.bench.meter import ModelMeter
+from kvchat.bench.oracle import Oracle
+
+TINY = Plan(points=(150, 400), follow_ups=2, recompute_repeats=1, shared_colds=3, shared_warm=2, new_tokens=4,
+            decode_tokens=6, decode_repeats=1, pressure_sessions=5, pressure_exact=2, long_lengths=(4, 24),
+            long_repeats=1)  # fmt: skip
+SYSTEM = {"role": "system", "content": "You are the helpdesk of a planetarium. " * 6}
+
+
+def user(text):
+    return {"role": "user", "content": text}
+
+
+@pytest.fixture
+def bench(tiny_loaded):
+    engine = Engine(tiny_loaded, cache_budget_bytes=2**26)
+    meter = ModelMeter(tiny_loaded.model)
+    yield workloads.Bench(engine, systems.Kvchat(engine, "main"), systems.Recompute(engine), systems.Floor(engine),
+                          [], new_tokens=4, meter=meter)  # fmt: skip
+    meter.close()
+    engine.close()
 
 
 def test_quick_bench_on_the_tiny_model_writes_consistent_results(tiny_loaded, tmp_path):
     results = run(tiny_loaded, TINY, peers=["llama-cpp"], quick=True, startup=lambda: 1.5)
-    report.write_all(tmp_path, results)
+    written = report.write_all(tmp_path, results)
+    assert [p.name for p in written] == ["results.json", "results.md", "ttft.png"]
     loaded = json.loads((tmp_path / "results.json").read_text())
-    assert set(loaded["summary"]) == set(report.TARGETS)
     summary = loaded["summary"]
+    assert set(summary) == set(report.TARGETS)
     assert all(isinstance(v, (int, float)) for v in summary.values()), summary
     assert summary["exact_match"] == 1.0  # greedy fp32 replies equal plain generate
-    assert summary["budget_violations"] == 0
+    assert summary["cached_tokens_mismatches"] == 0 and loaded["flagged"] == []
     assert summary["speedup_shared_prefix"] > 1 and summary["speedup_followup_2k"] > 1
-    assert 0.9 <= summary["hit_ratio_vs_oracle"] <= 1.0
-    multi = {(g["system"], g["point"]): g for g in loaded["groups"] if g["workload"] == "multi_turn"}
+    # every workload but the evicting one reuses all an ideal cache could; under pressure, less
+    by_workload = {(g["workload"], g["system"], g["point"]): g for g in loaded["groups"]}
+    assert by_workload[("multi_turn", "kvchat", "400")]["oracle_ratio"] == 1.0
+    assert by_workload[("shared_prefix", "kvchat", "warm")]["oracle_ratio"] == 1.0
+    assert by_workload[("budget_pressure", "kvchat", "turn2")]["oracle_ratio"] < 1.0
+    assert summary["hit_ratio_vs_oracle"] < 1.0
+    cold = [r for r in loaded["rows"] if (r["workload"], r["system"], r["point"]) == ("shared_prefix", "kvchat", "cold")]
+    assert len(cold) == 3 and all(r["prefilled_tokens"] == r["prompt_tokens"] for r in cold)
     for point in ("150", "400"):
-        assert multi[("kvchat", point)]["prefilled_tokens"] < multi[("recompute", point)]["prefilled_tokens"]
-    pressure = [r for r in loaded["rows"] if r["workload"] == "budget_pressure"]
-    assert len(pressure) == 2 * 5 + 2 and all(r["used_bytes"] <= r["budget_bytes"] for r in pressure if r["used_bytes"])
-    # the tiny model has no GGUF file, so llama-cpp is reported as skipped, with the reason
+        assert by_workload[("multi_turn", "kvchat", point)]["prefilled_tokens"] < \
+            by_workload[("multi_turn", "recompute", point)]["prefilled_tokens"]  # fmt: skip
+    # held bytes were sampled at every forward of every kvchat request
+    kvchat_rows = [r for r in loaded["rows"] if r["system"] == "kvchat"]
+    assert all(r["held_samples"] >= 1 + r["new_tokens"] for r in kvchat_rows)
     assert any(why in loaded["skipped"]["llama-cpp"] for why in ("not installed", "needs the bundled GGUF"))
     assert "## Summary" in (tmp_path / "results.md").read_text()
-    assert (tmp_path / "ttft.png").read_bytes().startswith(b"\x89PNG")
-    assert set(PEERS) == {"transformers-cb", "llama-cpp"}
+
+
+def test_meter_counts_reuse_at_the_model_and_flags_a_false_claim(bench):
+    messages = [SYSTEM, user("When does the dome open?")]
+    bench.ask_kvchat("t", "first", "alice", messages)
+    _, honest = bench.ask_kvchat("t", "second", "bob", [SYSTEM, user("Is there a cafe?")])
+    assert honest.model_cached_tokens == bench.engine.encode(messages).prefix_len > 20
+    assert not honest.claim_differs and honest.wrong_ids == 0
+
+    class Boasting(systems.Kvchat):
+        """Claims every prompt token came from cache."""
+
+        def reply(self, session, messages, max_new_tokens):
+            turn = super().reply(session, messages, max_new_tokens)
+            turn.prefilled_tokens = 0
+            return turn
+
+    _, boast = bench.ask_kvchat("t", "third", "carol", [SYSTEM, user("Can I bring a dog?")],
+                                system=Boasting(bench.engine, "main"))  # fmt: skip
+    assert boast.claim_differs
+    assert report.flagged(bench.rows) == [{"workload": "t", "point": "third", "model_cached_tokens": honest.model_cached_tokens,
+                                           "claimed_cached_tokens": boast.prompt_tokens, "wrong_ids": 0}]  # fmt: skip
+
+
+def test_meter_sees_running_requests_over_the_budget(tiny_loaded, bench):
+    """Running requests' caches are allocated outside the store's budget today: the meter, sampling
+    at every forward, must see it; the store's own ledger never does."""
+    small = systems.Kvchat(Engine(tiny_loaded, cache_budget_bytes=4096), "small")
+    _, row = bench.ask_kvchat("t", "x", "alice", [SYSTEM, user("Tell me about comets.")], system=small)
+    assert small.engine.stats().used_bytes <= 4096
+    assert row.held_samples >= 2 and row.budget_violations >= 1 and row.max_held_bytes > 4096
+
+
+def test_oracle_serves_each_scope_its_longest_fed_prefix(tokenizer):
+    oracle = Oracle(tokenizer)
+    render = lambda messages: list(tokenizer(tokenizer.apply_chat_template(  # noqa: E731
+        messages, add_generation_prompt=True, tokenize=False), add_special_tokens=False)["input_ids"])
+    first = [SYSTEM, user("My code is 4417.")]
+    ids = render(first)
+    assert oracle.served("store", "alice", ids) == 0
+    oracle.record("store", "alice", first, ids + [11, 12])
+    system_len = len(tokenizer(tokenizer.apply_chat_template([SYSTEM], tokenize=False), add_special_tokens=False)["input_ids"])
+    assert oracle.served("store", "alice", ids + [11, 12, 13]) == len(ids) + 2  # its own turns, reply included
+    assert oracle.served("store", "alice", ids) == len(ids) - 1  # one token is always left to feed
+    bob = render([SYSTEM, user("My code is 9021.")])
+    assert oracle.served("store", "bob", bob) == system_len  # another session: the system prompt only
+    assert oracle.served("other-store", "alice", ids) == 0  # sharing never crosses stores
+
+
+def test_floor_feeds_only_what_the_ideal_cache_could_not_serve(bench, tiny_loaded):
+    messages = [SYSTEM, user("What is on tonight?")]
+    ids = bench.prompt_ids(messages)
+    fed = []
+    hook = tiny_loaded.model.register_forward_pre_hook(
+        lambda module, args, kwargs: fed.append(kwargs["input_ids"].shape[-1]), with_kwargs=True)  # fmt: skip
+    try:
+        bench.floor.ttft_ms(messages, served_tokens=len(ids) - 7)
+        bench.floor.ttft_ms(messages, served_tokens=len(ids) - 7)  # history already prepared: one forward
+    finally:
+        hook.remove()
+    assert fed == [len(ids) - 7, 7, 7]
+
+
+def test_bench_without_its_dependencies_says_so_before_any_work(monkeypatch, capsys):
+    monkeypatch.setattr(bench_main, "missing_dependencies", lambda: ["matplotlib"])
+    monkeypatch.setattr(bench_main.models, "load", lambda *a, **k: pytest.fail("loaded a model"))
+    assert bench_main.main(["--quick"]) == 2
+    assert "pip install -r requirements-bench.txt" in capsys.readouterr().err
+
+
+def test_results_are_written_even_when_the_plot_cannot_be_drawn(monkeypatch, tmp_path):
+    def broken(path, results):
+        raise ImportError("No module named 'matplotlib'")
+
+    monkeypatch.setattr(report, "write_plot", broken)
+    results = {"quick": True, "machine": "m", "summary": {"exact_match": 1.0}, "skipped": {}, "flagged": [],
+               "groups": [], "peak_rss_mib": {}}  # fmt: skip
+    written = report.write_all(tmp_path, results)
+    assert [p.name for p in written] == ["results.json", "results.md"]
+    assert json.loads((tmp_path / "results.json").read_text())["summary"] == {"exact_match": 1.0}
+
+
+def test_held_bytes_are_deduplicated_by_storage(tiny_loaded):
+    from kvchat.bench.meter import reachable_tensor_bytes
+
+    buffer = torch.zeros(1000)
+    views = {"a": buffer[:10], "b": [buffer[5:], (buffer,)]}
+    assert reachable_tensor_bytes(views) == buffer.untyped_storage().nbytes() == 4000
+    assert reachable_tensor_bytes(tiny_loaded.model) == 0  # weights are not KV

@@ -5,6 +5,7 @@ See `workloads.py` for what is measured and `systems.py` for who is compared.
 
 from __future__ import annotations
 
+import importlib.util
 import platform
 import resource
 import subprocess
@@ -16,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from kvchat import hf_cache
 from kvchat.bench import report, systems, workloads
+from kvchat.bench.meter import ModelMeter
 from kvchat.engine import Engine
 from kvchat.models import LoadedModel
 
@@ -31,17 +32,24 @@ class Plan:
     points: tuple[int, ...]  # history lengths (tokens) for the multi-turn workload
     follow_ups: int  # kvchat follow-ups per point (and floor repeats)
     recompute_repeats: int  # baseline and peer follow-ups per point (they are slow)
-    shared_sessions: int
-    shared_rounds: int  # each round starts from a cold store
+    shared_colds: int  # fresh system prompts of equal length: one cold first session each
+    shared_warm: int  # sessions after the cold one on each prompt
     new_tokens: int  # reply length for TTFT and exactness checks
     decode_tokens: int
     decode_repeats: int
     pressure_sessions: int
     pressure_exact: int  # how many second turns under pressure are checked against the baseline
+    long_lengths: tuple[int, ...]  # reply lengths whose decode speed is compared
+    long_repeats: int
 
 
-QUICK = Plan((500, 2000, 4000), 3, 2, 8, 1, 16, 32, 2, 6, 3)
-FULL = Plan((500, 1000, 2000, 4000), 5, 3, 12, 3, 16, 64, 3, 10, 10)
+QUICK = Plan((500, 2000, 4000), 3, 2, 3, 3, 16, 32, 2, 6, 3, (32, 512), 1)
+FULL = Plan((500, 1000, 2000, 4000), 5, 3, 4, 7, 16, 64, 3, 10, 10, (32, 512), 2)
+
+
+def missing_dependencies() -> list[str]:
+    """Optional packages the bench needs beyond the app's (requirements-bench.txt)."""
+    return [name for name in ("matplotlib", "tqdm") if importlib.util.find_spec(name) is None]
 
 
 def machine() -> str:
@@ -86,37 +94,46 @@ def make_peers(engine: Engine, wanted: list[str], gguf: str | None) -> tuple[lis
 def run(loaded: LoadedModel, plan: Plan, peers: list[str], quick: bool, budget_bytes: int = 2**30,
         gguf: str | None = None, startup: Callable[[], float | None] = lambda: None) -> dict[str, Any]:  # fmt: skip
     """Run every workload on every system; returns what results.json holds."""
+    from tqdm.auto import tqdm
+
     engine = Engine(loaded, budget_bytes)
     peer_systems, skipped = make_peers(engine, peers, gguf)
-    planned = (len(plan.points) * (1 + 2 * plan.follow_ups + plan.recompute_repeats * (1 + len(peer_systems)))
-               + plan.shared_sessions * (plan.shared_rounds + 1 + len(peer_systems)) + 7
-               + plan.pressure_sessions * 2 + plan.pressure_exact + plan.decode_repeats * 2)  # fmt: skip
+    others = 1 + len(peer_systems)
+    shared = plan.shared_colds * (1 + plan.shared_warm) + (1 + plan.shared_warm) * others
+    long = plan.long_repeats * len(plan.long_lengths) * 2
+    planned = (len(plan.points) * (1 + 2 * plan.follow_ups + plan.recompute_repeats * others + len(peer_systems))
+               + shared + 10 + plan.pressure_sessions * 2 + plan.pressure_exact + plan.decode_repeats * 2 + long)  # fmt: skip
     bar = tqdm(total=planned, desc="kvchat bench", unit="req")
-    bench = workloads.Bench(engine, systems.Kvchat(engine), systems.Recompute(engine), systems.Floor(engine),
-                            peer_systems, plan.new_tokens, tick=bar.update)  # fmt: skip
+    meter = ModelMeter(loaded.model)
+    bench = workloads.Bench(engine, systems.Kvchat(engine, "main"), systems.Recompute(engine), systems.Floor(engine),
+                            peer_systems, plan.new_tokens, meter, tick=bar.update)  # fmt: skip
+    pressure = systems.Kvchat(Engine(loaded, pressure_budget(loaded)), "pressure")
     rss: dict[str, float] = {}
     steps = [
         ("multi_turn", lambda: workloads.multi_turn(bench, list(plan.points), plan.follow_ups, plan.recompute_repeats)),
-        ("shared_prefix", lambda: workloads.shared_prefix(bench, lambda: systems.Kvchat(Engine(loaded, budget_bytes)),
-                                                          plan.shared_sessions, plan.shared_rounds)),
+        ("shared_prefix", lambda: workloads.shared_prefix(bench, plan.shared_colds, plan.shared_warm)),
         ("edit_regenerate", lambda: workloads.edit_regenerate(bench)),
-        ("budget_pressure", lambda: workloads.budget_pressure(bench, lambda b: systems.Kvchat(Engine(loaded, b)),
-                                                              plan.pressure_sessions, pressure_budget(loaded),
+        ("budget_pressure", lambda: workloads.budget_pressure(bench, pressure, plan.pressure_sessions,
                                                               plan.pressure_exact)),
         ("decode", lambda: workloads.decode_speed(bench, plan.decode_tokens, plan.decode_repeats)),
+        ("decode_length", lambda: workloads.decode_length(bench, plan.long_lengths, plan.long_repeats)),
     ]  # fmt: skip
-    for name, step in steps:
-        bar.set_postfix_str(name)
-        step()
-        rss[name] = round(peak_rss_mib(), 1)
-    bar.close()
-    for peer in peer_systems:
-        getattr(peer, "close", lambda: None)()
+    try:
+        for name, step in steps:
+            bar.set_postfix_str(name)
+            step()
+            rss[name] = round(peak_rss_mib(), 1)
+    finally:
+        bar.close()
+        meter.close()
+        for peer in peer_systems:
+            getattr(peer, "close", lambda: None)()
     return {
         "quick": quick, "machine": machine(), "model": loaded.name, "device": str(loaded.device),
         "dtype": str(loaded.dtype).removeprefix("torch."), "plan": asdict(plan), "skipped": skipped,
         "summary": report.summarize(bench.rows, list(plan.points), startup()),
-        "groups": report.groups(bench.rows), "rows": [r.as_dict() for r in bench.rows], "peak_rss_mib": rss,
+        "flagged": report.flagged(bench.rows), "groups": report.groups(bench.rows),
+        "rows": [r.as_dict() for r in bench.rows], "peak_rss_mib": rss,
     }  # fmt: skip
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from kvchat import models  # noqa: E402
-from kvchat.bench import FULL, PEERS, QUICK, measure_startup, report, run  # noqa: E402
+from kvchat.bench import FULL, PEERS, QUICK, measure_startup, missing_dependencies, report, run  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,6 +23,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--peers", default=",".join(PEERS), help=f"comma-separated, from {', '.join(PEERS)}; '' for none")
     args = parser.parse_args(argv)
+    missing = missing_dependencies()
+    if missing:
+        print(f"python -m kvchat.bench needs {', '.join(missing)}: pip install -r requirements-bench.txt",
+              file=sys.stderr)  # fmt: skip
+        return 2
     peers = [p for p in args.peers.split(",") if p]
     unknown = set(peers) - set(PEERS)
     if unknown:
@@ -32,9 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     results = run(loaded, QUICK if args.quick else FULL, peers, quick=args.quick, gguf=gguf,
                   startup=lambda: measure_startup(args.model, args.device, args.dtype))  # fmt: skip
     out = Path(args.out)
-    report.write_all(out, results)
+    written = report.write_all(out, results)
     print(json.dumps(results["summary"], indent=2))
-    print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'ttft.png'}")
+    print("wrote " + ", ".join(str(path) for path in written))
     return 0
 
 

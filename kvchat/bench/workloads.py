@@ -1,8 +1,9 @@
 """The four workloads, run with the same prompts for every system; each returns result rows.
 
 A row is one measured request: workload, system, point (history tokens, "cold"/"warm", ...),
-TTFT, tokens prefilled, tokens an ideal cache could have served (kvchat only), and whether the
-greedy reply equals the recompute baseline's.
+TTFT, tokens prefilled, and whether the greedy reply equals the recompute baseline's. For kvchat,
+reuse and bytes are measured at the model (`meter.py`) and graded by an ideal cache (`oracle.py`);
+what kvchat says of itself is kept beside them, and any difference is flagged.
 """
 
 from __future__ import annotations
@@ -11,10 +12,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from kvchat.bench.systems import Floor, Messages, System, Turn
-from kvchat.chat import Prompt
+from kvchat.bench.meter import ModelMeter
+from kvchat.bench.oracle import Oracle
+from kvchat.bench.systems import Floor, Kvchat, Messages, System, Turn
 from kvchat.engine import Engine
-from kvchat.prefix import common_prefix_len
 from kvchat.presets import load_presets
 
 FOLLOW_UPS = [
@@ -39,84 +40,88 @@ class Row:
     point: str
     ttft_ms: float
     prompt_tokens: int
-    prefilled_tokens: int | None
+    prefilled_tokens: int | None  # kvchat: measured at the model; others: what they say, if anything
     oracle_tokens: int | None = None  # tokens an unlimited ideal cache could have served
+    claimed_cached_tokens: int | None = None  # kvchat: `cached_tokens` in its usage record
+    wrong_ids: int | None = None  # kvchat: fed prompt positions whose id differs from the prompt's
     new_tokens: int = 0
     decode_tokens_per_s: float = 0.0
     exact: bool | None = None  # greedy reply equals the recompute baseline's
-    used_bytes: int | None = None  # kvchat: bytes held after the request
+    max_held_bytes: int | None = None  # kvchat: largest sample of held KV bytes while it ran
+    held_samples: int | None = None
+    budget_violations: int | None = None  # samples over the budget
     budget_bytes: int | None = None
 
     @classmethod
     def of(cls, workload: str, system: str, point: str, turn: Turn, **extra: Any) -> Row:
-        return cls(workload, system, point, turn.ttft_ms, turn.prompt_tokens, turn.prefilled_tokens,
-                   new_tokens=turn.new_tokens, decode_tokens_per_s=turn.decode_tokens_per_s, **extra)  # fmt: skip
+        fields = {"prefilled_tokens": turn.prefilled_tokens, **extra}
+        return cls(workload, system, point, turn.ttft_ms, turn.prompt_tokens, new_tokens=turn.new_tokens,
+                   decode_tokens_per_s=turn.decode_tokens_per_s, **fields)  # fmt: skip
+
+    @property
+    def model_cached_tokens(self) -> int | None:
+        return None if self.prefilled_tokens is None else self.prompt_tokens - self.prefilled_tokens
+
+    @property
+    def claim_differs(self) -> bool:
+        return self.claimed_cached_tokens is not None and self.claimed_cached_tokens != self.model_cached_tokens
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-class Oracle:
-    """Counts what an ideal cache with unlimited memory could have served: per session, the longest
-    prefix shared with everything that session fed before; across sessions of one store, a system
-    prompt seen before. Independent of kvchat's own bookkeeping."""
-
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        self.fed: dict[tuple[int, str], list[int]] = {}
-        self.prefixes: set[tuple[int, tuple[int, ...]]] = set()
-
-    def served(self, scope: int, session: str, prompt: Prompt) -> int:
-        best = common_prefix_len(prompt.token_ids, self.fed.get((scope, session), []))
-        if prompt.prefix_len and (scope, tuple(prompt.token_ids[: prompt.prefix_len])) in self.prefixes:
-            best = max(best, prompt.prefix_len)
-        return min(best, len(prompt.token_ids) - 1)
-
-    def record(self, scope: int, session: str, prompt: Prompt, turn: Turn) -> None:
-        reply_ids = self.engine.loaded.tokenizer(turn.text, add_special_tokens=False)["input_ids"]
-        fed_reply = turn.new_tokens - (1 if turn.finish_reason == "length" else 0)
-        self.fed[(scope, session)] = prompt.token_ids + reply_ids[: max(0, fed_reply)]
-        if prompt.prefix_len:
-            self.prefixes.add((scope, tuple(prompt.token_ids[: prompt.prefix_len])))
-
-
 @dataclass
 class Bench:
-    """What every workload needs: the systems, the oracle, sizes, and a progress callback."""
+    """What every workload needs: the systems, the meter and oracle, sizes, a progress callback."""
 
     engine: Engine
-    kvchat: System
+    kvchat: Kvchat
     recompute: System
     floor: Floor
     peers: list[System]
     new_tokens: int
+    meter: ModelMeter
     tick: Callable[[int], None] = lambda n: None
     rows: list[Row] = field(default_factory=list)
     oracle: Oracle = field(init=False)
     kvchat_texts: dict[tuple[str, str], str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.oracle = Oracle(self.engine)
+        self.oracle = Oracle(self.engine.loaded.tokenizer)
 
-    def ask_kvchat(self, workload: str, point: str, session: str, messages: Messages, system: System | None = None,
-                   max_new_tokens: int | None = None, key: str | None = None) -> Turn:  # fmt: skip
+    def prompt_ids(self, messages: Messages) -> list[int]:
+        """The conversation's ids, rendered with the tokenizer's own template (not kvchat's code)."""
+        tokenizer = self.engine.loaded.tokenizer
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def ask_kvchat(self, workload: str, point: str, session: str, messages: Messages, system: Kvchat | None = None,
+                   max_new_tokens: int | None = None, key: str | None = None) -> tuple[Turn, Row]:  # fmt: skip
+        """One kvchat request, counted at the model and graded against the oracle."""
         system = system or self.kvchat
-        prompt = self.engine.encode(messages)
-        served = self.oracle.served(id(system), session, prompt)  # scope: one cache store
-        turn = system.reply(session, messages, max_new_tokens or self.new_tokens)
-        self.oracle.record(id(system), session, prompt, turn)
-        engine = getattr(system, "engine", self.engine)
-        stats = engine.stats()
-        self.rows.append(Row.of(workload, "kvchat", point, turn, oracle_tokens=served,
-                                used_bytes=stats.used_bytes, budget_bytes=stats.budget_bytes))  # fmt: skip
+        prompt_ids = self.prompt_ids(messages)
+        served = self.oracle.served(system.scope, session, prompt_ids)
+        self.meter.begin(system.engine)
+        try:
+            turn = system.reply(session, messages, max_new_tokens or self.new_tokens)
+        finally:
+            measured = self.meter.end()
+        self.oracle.record(system.scope, session, messages, measured.fed_sequence(prompt_ids))
+        model_cached = measured.cached_tokens(prompt_ids)
+        row = Row.of(workload, "kvchat", point, turn, prefilled_tokens=len(prompt_ids) - model_cached,
+                     oracle_tokens=served, claimed_cached_tokens=turn.prompt_tokens - (turn.prefilled_tokens or 0),
+                     wrong_ids=measured.wrong_ids(prompt_ids), max_held_bytes=measured.max_held_bytes,
+                     held_samples=measured.samples, budget_violations=measured.violations,
+                     budget_bytes=system.engine.stats().budget_bytes)  # fmt: skip
+        self.rows.append(row)
         if key is not None:
             self.kvchat_texts[(workload, key)] = turn.text
         self.tick(1)
-        return turn
+        return turn, row
 
     def ask_other(self, system: System, workload: str, point: str, session: str, messages: Messages,
-                  key: str | None = None, record: bool = True) -> Turn:  # fmt: skip
-        turn = system.reply(session, messages, self.new_tokens)
+                  key: str | None = None, record: bool = True, max_new_tokens: int | None = None) -> Turn:  # fmt: skip
+        turn = system.reply(session, messages, max_new_tokens or self.new_tokens)
         exact = None
         if system.name == "recompute" and key is not None and (workload, key) in self.kvchat_texts:
             exact = self.kvchat_texts[(workload, key)] == turn.text
@@ -149,16 +154,15 @@ def multi_turn(bench: Bench, points: list[int], follow_ups: int, recompute_repea
         label = str(point)
         history = filler_history(bench.engine, point)
         warm = history + [{"role": "user", "content": "Please greet me in one short sentence."}]
-        greeting = bench.ask_kvchat("warmup", label, "multi", warm).text
-        base = warm + [{"role": "assistant", "content": greeting}]
+        greeting, _ = bench.ask_kvchat("warmup", label, "multi", warm)
+        base = warm + [{"role": "assistant", "content": greeting.text}]
         asks = [base + [{"role": "user", "content": FOLLOW_UPS[j % len(FOLLOW_UPS)]}] for j in range(follow_ups)]
         for j, messages in enumerate(asks):
-            turn = bench.ask_kvchat("multi_turn", label, "multi", messages, key=f"{point}/{j}")
-            # the floor feeds exactly the tokens kvchat just prefilled, right after it
-            prompt_ids = bench.engine.encode(messages).token_ids
-            num_new = max(1, turn.prefilled_tokens or 1)
-            bench.rows.append(Row("multi_turn", "floor", label, bench.floor.ttft_ms(prompt_ids, num_new),
-                                  len(prompt_ids), num_new))  # fmt: skip
+            _, row = bench.ask_kvchat("multi_turn", label, "multi", messages, key=f"{point}/{j}")
+            # right after it, the floor feeds only what the ideal cache could not serve
+            served = row.oracle_tokens or 0
+            bench.rows.append(Row("multi_turn", "floor", label, bench.floor.ttft_ms(messages, served),
+                                  row.prompt_tokens, row.prompt_tokens - served))  # fmt: skip
             bench.tick(1)
         for j, messages in enumerate(asks[:recompute_repeats]):
             bench.ask_other(bench.recompute, "multi_turn", label, "multi", messages, key=f"{point}/{j}")
@@ -168,19 +172,35 @@ def multi_turn(bench: Bench, points: list[int], follow_ups: int, recompute_repea
                 bench.ask_other(peer, "multi_turn", label, "multi", messages)
 
 
-def shared_prefix(bench: Bench, make_kvchat: Callable[[], System], sessions: int, rounds: int) -> None:
-    """`sessions` new sessions open with the same 1,165-token system prompt; each round starts cold."""
-    system = {"role": "system", "content": load_presets()["Acme cloud support faq (long)"]}
-    asks = [[system, {"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}] for i in range(sessions)]
-    for r in range(rounds):
-        kvchat = make_kvchat()  # a fresh store: the first session is cold again
+def fresh_system_prompts(bench: Bench, text: str, count: int) -> list[str]:
+    """`count` variants of `text` with the same token length, none seen before: each opens on its
+    own desk letter, so nothing any cache holds matches past the first few tokens."""
+    variants = [f"Desk {letter}. {text}" for letter in "QRSTUVWXYZ"]
+    lengths = [len(bench.prompt_ids([{"role": "system", "content": v}, {"role": "user", "content": "?"}]))
+               for v in variants]  # fmt: skip
+    common = max(set(lengths), key=lengths.count)
+    chosen = [v for v, n in zip(variants, lengths) if n == common]
+    if len(chosen) < count:
+        raise RuntimeError(f"only {len(chosen)} equal-length variants of the system prompt; {count} needed")
+    return chosen[:count]
+
+
+def shared_prefix(bench: Bench, colds: int, warm_per_cold: int) -> None:
+    """New sessions open on the 1,165-token FAQ: on each of `colds` fresh variants of equal length,
+    the first session is cold (nothing cached) and the next `warm_per_cold` find it cached."""
+    faq = load_presets()["Acme cloud support faq (long)"]
+    first_asks: list[Messages] = []
+    for c, text in enumerate(fresh_system_prompts(bench, faq, colds)):
+        system = {"role": "system", "content": text}
+        asks = [[system, {"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}] for i in range(1 + warm_per_cold)]
+        first_asks = first_asks or asks
         for i, messages in enumerate(asks):
             point = "cold" if i == 0 else "warm"
-            bench.ask_kvchat("shared_prefix", point, f"shared-{r}-{i}", messages, system=kvchat, key=str(i))
-    for i, messages in enumerate(asks):
-        bench.ask_other(bench.recompute, "shared_prefix", "cold", f"shared-{i}", messages, key=str(i))
+            bench.ask_kvchat("shared_prefix", point, f"shared-{c}-{i}", messages, key=f"{c}/{i}")
+    for i, messages in enumerate(first_asks):
+        bench.ask_other(bench.recompute, "shared_prefix", "cold", f"shared-{i}", messages, key=f"0/{i}")
     for peer in bench.peers:
-        for i, messages in enumerate(asks):
+        for i, messages in enumerate(first_asks):
             bench.ask_other(peer, "shared_prefix", "cold" if i == 0 else "warm", f"shared-{i}", messages)
 
 
@@ -190,7 +210,7 @@ def edit_regenerate(bench: Bench) -> None:
     messages: Messages = [system]
     for question in QUESTIONS[:3]:
         messages.append({"role": "user", "content": question})
-        reply = bench.ask_kvchat("warmup", "edit", "edit", messages)
+        reply, _ = bench.ask_kvchat("warmup", "edit", "edit", messages)
         messages.append({"role": "assistant", "content": reply.text})
     retry = messages[:-1]
     edited = messages[:3] + [{"role": "user", "content": "Do you refund monthly plans?"}]
@@ -199,17 +219,15 @@ def edit_regenerate(bench: Bench) -> None:
         bench.ask_other(bench.recompute, "edit_regenerate", point, "edit", asked, key=point)
 
 
-def budget_pressure(bench: Bench, make_kvchat: Callable[[int], System], sessions: int, budget_bytes: int,
-                    check_exact: int) -> None:  # fmt: skip
+def budget_pressure(bench: Bench, kvchat: Kvchat, sessions: int, check_exact: int) -> None:
     """More sessions than the budget holds, two turns each, round-robin: LRU must evict and every
     request must still be answered (and answered exactly)."""
-    kvchat = make_kvchat(budget_bytes)
     conversations = {f"pressure-{i}": [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}]
                      for i in range(sessions)}  # fmt: skip
     for turn in range(2):
         for session, messages in conversations.items():
             key = f"{session}/{turn}"
-            reply = bench.ask_kvchat("budget_pressure", f"turn{turn + 1}", session, messages, system=kvchat, key=key)
+            reply, _ = bench.ask_kvchat("budget_pressure", f"turn{turn + 1}", session, messages, system=kvchat, key=key)
             if turn == 1 and check_exact > 0:
                 check_exact -= 1
                 bench.ask_other(bench.recompute, "budget_pressure", "turn2", session, messages, key=key)
@@ -221,7 +239,20 @@ def decode_speed(bench: Bench, decode_tokens: int, repeats: int) -> None:
     messages = filler_history(bench.engine, 500) + [{"role": "user", "content": "Summarise all my notes in detail."}]
     for r in range(repeats):
         bench.ask_kvchat("decode", "500", f"decode-{r}", messages, max_new_tokens=decode_tokens, key=str(r))
-        turn = bench.recompute.reply(f"decode-{r}", messages, decode_tokens)
-        bench.rows.append(Row.of("decode", "recompute", "500", turn,
-                                 exact=bench.kvchat_texts[("decode", str(r))] == turn.text))  # fmt: skip
-        bench.tick(1)
+        bench.ask_other(bench.recompute, "decode", "500", f"decode-{r}", messages, key=str(r),
+                        max_new_tokens=decode_tokens)  # fmt: skip
+
+
+LONG_REPLY = "Write a very long, detailed story about a lighthouse keeper, at least 1000 words."  # 512+ tokens, greedy
+
+
+def decode_length(bench: Bench, lengths: tuple[int, ...], repeats: int) -> None:
+    """Decode tokens/s at a short and a long reply, kvchat and plain generate side by side: any
+    per-token work of kvchat that grows with the reply shows as a falling ratio."""
+    messages = [{"role": "user", "content": LONG_REPLY}]
+    for r in range(repeats):
+        for length in lengths:
+            key = f"{length}/{r}"
+            bench.ask_kvchat("decode_length", str(length), f"long-{key}", messages, max_new_tokens=length, key=key)
+            bench.ask_other(bench.recompute, "decode_length", str(length), f"long-{key}", messages, key=key,
+                            max_new_tokens=length)  # fmt: skip

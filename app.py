@@ -272,6 +272,18 @@ def _stats_api(holder: BackgroundEngine):  # noqa: ANN202 - gr.api reads the hin
     return stats
 
 
+def launch(holder: BackgroundEngine, config: Config) -> tuple[gr.Blocks, str, str | None]:
+    """Build the UI and serve it without blocking; returns (demo, local URL, share URL or None)."""
+    demo = build_ui(holder, config)
+    demo.queue(max_size=config.max_queue, default_concurrency_limit=4)
+    auth = tuple(config.auth.split(":", 1)) if config.auth else None
+    _, local_url, share_url = demo.launch(
+        server_name=config.host, server_port=config.port, share=config.share, auth=auth,
+        prevent_thread_lock=True, show_error=True, quiet=True,
+    )  # fmt: skip
+    return demo, local_url, share_url
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -289,13 +301,7 @@ def main(argv: list[str] | None = None) -> int:
             prefix_salt=config.prefix_salt, home=config.home,
         )
     )  # fmt: skip
-    demo = build_ui(holder, config)
-    demo.queue(max_size=config.max_queue, default_concurrency_limit=4)
-    auth = tuple(config.auth.split(":", 1)) if config.auth else None
-    _, local_url, share_url = demo.launch(
-        server_name=config.host, server_port=config.port, share=config.share, auth=auth,
-        prevent_thread_lock=True, show_error=True, quiet=True,
-    )  # fmt: skip
+    demo, local_url, share_url = launch(holder, config)
     print(f"kvchat: serving at {local_url}", flush=True)
     if config.share:
         print(f"kvchat: public share link: {share_url}" if share_url else

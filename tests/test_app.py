@@ -90,8 +90,7 @@ def test_two_sessions_share_the_long_system_prompt_and_every_request_is_logged(a
     history = ask(alice, "And Business?", history)
     bob_history = ask(bob, "What happens if my card payment fails?", [])
     assert "shared prefix" in bob_history[-1]["metadata"]["title"]
-    time.sleep(1.0)  # the log writer is asynchronous
-    rows = list(sqlite_utils.Database(db).query("select * from requests order by id"))
+    rows = logged_rows(db, 3)  # the log writer is asynchronous
     assert len(rows) == 3
     assert rows[0]["cache_source"] == "none"
     assert rows[1]["cache_source"] == "session" and rows[1]["cached_tokens"] > 1000
@@ -103,11 +102,23 @@ def test_two_sessions_share_the_long_system_prompt_and_every_request_is_logged(a
 
 def test_empty_message_is_refused_and_nothing_is_logged(app):
     url, db = app
-    before = sqlite_utils.Database(db)["requests"].count
-    history, box = Client(url, verbose=False).predict("   ", [], FAQ, 16, 0.0, 1.0, api_name="/chat")
+    before = len(logged_rows(db, 0))
+    client = Client(url, verbose=False)
+    history, box = client.predict("   ", [], FAQ, 16, 0.0, 1.0, api_name="/chat")
     assert history == [] and box == "   "  # the typed text is given back
-    time.sleep(0.5)
-    assert sqlite_utils.Database(db)["requests"].count == before
+    ask(client, "And now a real question?", [])
+    rows = logged_rows(db, before + 1)  # rows are written in order: a row for the refusal would come first
+    assert len(rows) == before + 1 and rows[-1]["prompt_tokens"] > 1000
+
+
+def logged_rows(db: Path, at_least: int, timeout_s: float = 30) -> list[dict]:
+    """The log's rows once it holds `at_least` of them (the writer is asynchronous)."""
+    deadline = time.time() + timeout_s
+    while True:
+        rows = list(sqlite_utils.Database(db).query("select * from requests order by id")) if db.exists() else []
+        if len(rows) >= at_least or time.time() > deadline:
+            return rows
+        time.sleep(0.1)
 
 
 def test_a_message_longer_than_the_context_is_refused_and_given_back(app):

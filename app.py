@@ -264,6 +264,7 @@ def _stats_api(holder: BackgroundEngine):  # noqa: ANN202 - gr.api reads the hin
         return {
             "ready": True, "busy": s.busy, "budget_bytes": s.budget_bytes, "used_bytes": s.used_bytes,
             "requests": s.requests, "hits": s.hits, "misses": s.misses, "evictions": s.evictions,
+            "not_admitted": s.not_admitted,
             "token_hit_rate": s.token_hit_rate,
             "entries": [{"kind": e.kind, "tokens": e.num_tokens, "nbytes": e.nbytes, "hits": e.hits}
                         for e in s.entries],

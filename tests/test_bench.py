@@ -9,7 +9,7 @@ from kvchat import Engine
 from kvchat.bench import Plan, report, run, systems, workloads
 from kvchat.bench import __main__ as bench_main
 from kvchat.bench.meter import ModelMeter
-from kvchat.bench.oracle import Oracle
+from kvchat.bench.oracle import Oracle, render_ids
 
 TINY = Plan(points=(150, 400), follow_ups=2, recompute_repeats=1, shared_colds=3, shared_warm=2, new_tokens=4,
             decode_tokens=6, decode_repeats=1, pressure_sessions=5, pressure_exact=2, long_lengths=(4, 24),
@@ -93,16 +93,14 @@ def test_meter_sees_running_requests_over_the_budget(tiny_loaded, bench):
 
 def test_oracle_serves_each_scope_its_longest_fed_prefix(tokenizer):
     oracle = Oracle(tokenizer)
-    render = lambda messages: list(tokenizer(tokenizer.apply_chat_template(  # noqa: E731
-        messages, add_generation_prompt=True, tokenize=False), add_special_tokens=False)["input_ids"])
     first = [SYSTEM, user("My code is 4417.")]
-    ids = render(first)
+    ids = render_ids(tokenizer, first)
     assert oracle.served("store", "alice", ids) == 0
     oracle.record("store", "alice", first, ids + [11, 12])
-    system_len = len(tokenizer(tokenizer.apply_chat_template([SYSTEM], tokenize=False), add_special_tokens=False)["input_ids"])
+    system_len = len(render_ids(tokenizer, [SYSTEM], add_generation_prompt=False))
     assert oracle.served("store", "alice", ids + [11, 12, 13]) == len(ids) + 2  # its own turns, reply included
     assert oracle.served("store", "alice", ids) == len(ids) - 1  # one token is always left to feed
-    bob = render([SYSTEM, user("My code is 9021.")])
+    bob = render_ids(tokenizer, [SYSTEM, user("My code is 9021.")])
     assert oracle.served("store", "bob", bob) == system_len  # another session: the system prompt only
     assert oracle.served("other-store", "alice", ids) == 0  # sharing never crosses stores
 

@@ -61,11 +61,9 @@ class Measured:
         return prompt_ids + [reply[p] for p in sorted(reply)]
 
 
+_SCALARS = frozenset({int, float, bool, complex, str, bytes, type(None)})
 # Objects whose insides are not KV: the weights and the tokenizer are big and never cached data.
-_OPAQUE = (torch.nn.Module, PreTrainedTokenizerBase, type, types.ModuleType, str, bytes, int, float, complex, bool)
-
-
-_SCALARS = frozenset({int, float, bool, str, bytes, type(None)})
+_OPAQUE = (torch.nn.Module, PreTrainedTokenizerBase, type, types.ModuleType, *_SCALARS)
 
 
 def reachable_tensor_bytes(*roots: Any) -> int:
@@ -83,7 +81,7 @@ def _tensors(roots: tuple[Any, ...]) -> Iterator[torch.Tensor]:
     todo = deque(roots)
     while todo:
         obj = todo.pop()
-        if obj is None or isinstance(obj, _OPAQUE) or id(obj) in seen:
+        if isinstance(obj, _OPAQUE) or id(obj) in seen:
             continue
         seen.add(id(obj))
         if isinstance(obj, torch.Tensor):

@@ -15,6 +15,14 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 
+def render_ids(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Mapping[str, Any]],
+               add_generation_prompt: bool = True) -> list[int]:
+    """A conversation's ids as the tokenizer's own chat template renders them (no kvchat code)."""
+    text = tokenizer.apply_chat_template([dict(m) for m in messages], add_generation_prompt=add_generation_prompt,
+                                         tokenize=False)  # fmt: skip
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
 def _common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
     length = 0
     for x, y in zip(a, b):
@@ -47,6 +55,5 @@ class Oracle:
         """The system prompt rendered alone, if the whole conversation's ids start with exactly it."""
         if not messages or messages[0].get("role") != "system":
             return []
-        text = self.tokenizer.apply_chat_template([dict(messages[0])], tokenize=False)
-        ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        ids = render_ids(self.tokenizer, messages[:1], add_generation_prompt=False)
         return ids if fed_ids[: len(ids)] == ids else []

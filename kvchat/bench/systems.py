@@ -22,6 +22,7 @@ from transformers import DynamicCache, GenerationConfig
 from transformers.generation.streamers import BaseStreamer
 
 from kvchat import hf_cache
+from kvchat.bench.oracle import render_ids
 from kvchat.engine import Engine
 
 Messages = list[dict[str, Any]]
@@ -129,22 +130,18 @@ class Floor:
         self._held: list[int] = []
 
     def ttft_ms(self, messages: Messages, served_tokens: int) -> float:
-        ids = self._encode(messages)
+        ids = render_ids(self.tokenizer, messages)
         self._prepare(ids[:served_tokens], reserve_tokens=len(ids))
         assert self._cache is not None
         with torch.inference_mode():
             started = time.perf_counter()
-            ids = self._encode(messages)
+            ids = render_ids(self.tokenizer, messages)
             input_ids = torch.tensor([ids[served_tokens:]], device=self.engine.device)
             out = self.model(input_ids=input_ids, cache=self._cache, use_cache=True, logits_to_keep=1)
             int(torch.argmax(out.logits[0, -1]))
             elapsed_ms = (time.perf_counter() - started) * 1000
         hf_cache.truncate_to(self._cache, served_tokens)
         return elapsed_ms
-
-    def _encode(self, messages: Messages) -> list[int]:
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def _prepare(self, held: list[int], reserve_tokens: int) -> None:
         """KV of `held` in buffers with room for the whole prompt (built once per history)."""

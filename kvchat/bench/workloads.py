@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from kvchat.bench.meter import ModelMeter
-from kvchat.bench.oracle import Oracle
+from kvchat.bench.oracle import Oracle, render_ids
 from kvchat.bench.systems import Floor, Kvchat, Messages, System, Turn
 from kvchat.engine import Engine
 from kvchat.presets import load_presets
@@ -91,9 +91,7 @@ class Bench:
 
     def prompt_ids(self, messages: Messages) -> list[int]:
         """The conversation's ids, rendered with the tokenizer's own template (not kvchat's code)."""
-        tokenizer = self.engine.loaded.tokenizer
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        return render_ids(self.engine.loaded.tokenizer, messages)
 
     def ask_kvchat(self, workload: str, point: str, session: str, messages: Messages, system: Kvchat | None = None,
                    max_new_tokens: int | None = None, key: str | None = None) -> tuple[Turn, Row]:  # fmt: skip

@@ -1,6 +1,7 @@
 """The bench's machinery on the tiny model: its measurements must catch what they claim to catch."""
 
 import json
+import time
 
 import pytest
 import torch
@@ -145,3 +146,22 @@ def test_held_bytes_are_deduplicated_by_storage(tiny_loaded):
     views = {"a": buffer[:10], "b": [buffer[5:], (buffer,)]}
     assert reachable_tensor_bytes(views) == buffer.untyped_storage().nbytes() == 4000
     assert reachable_tensor_bytes(tiny_loaded.model) == 0  # weights are not KV
+
+
+def test_the_meters_own_time_is_taken_out_of_kvchats_timings(bench, monkeypatch):
+    from kvchat.bench import meter as meter_module
+
+    real = meter_module.reachable_tensor_bytes
+
+    def slow(*roots):  # a sample made 20 ms slower: a cost kvchat must not be charged for
+        time.sleep(0.02)
+        return real(*roots)
+
+    monkeypatch.setattr(meter_module, "reachable_tensor_bytes", slow)
+    turn, row = bench.ask_kvchat("t", "x", "alice", [SYSTEM, user("Tell me about comets.")], max_new_tokens=6)
+    assert turn.new_tokens == 6
+    assert row.meter_ms_ttft >= 20  # the prefill's sample, inside the TTFT kvchat measured
+    assert row.meter_ms_decode >= 20 * 5  # one sample after each of the 5 decode forwards
+    assert row.ttft_ms == pytest.approx(turn.ttft_ms - row.meter_ms_ttft)
+    raw_decode_s = 5 / turn.decode_tokens_per_s
+    assert row.decode_tokens_per_s == pytest.approx(5 / (raw_decode_s - row.meter_ms_decode / 1000))

@@ -4,12 +4,14 @@
 already held and which ids are fed; after each call it sums the bytes of every tensor reachable
 from the engine and from the cache being written, deduplicated by storage. So reuse is counted as
 the prompt positions that never went through `forward`, and bytes are sampled while requests run,
-at every prefill and decode step, running requests included. A sample costs well under a
-millisecond (token-id lists are skipped at C speed), so it barely touches the times it sits inside.
+at every prefill and decode step, running requests included. A sample takes milliseconds on a
+full store and runs inside kvchat's timed prefill and decode, so the meter times itself and
+`Measured.sample_s` says how much to take back out of kvchat's TTFT and decode time.
 """
 
 from __future__ import annotations
 
+import time
 import types
 from collections import deque
 from collections.abc import Iterator
@@ -24,6 +26,7 @@ from transformers import PreTrainedTokenizerBase
 class Call:
     past_tokens: int  # positions the cache held before this forward
     token_ids: list[int]  # ids fed, in position order from `past_tokens`
+    sample_s: float = 0.0  # the meter's own time spent sampling bytes after this forward
 
 
 @dataclass(slots=True)
@@ -41,6 +44,13 @@ class Measured:
         for call in self.calls:
             fed.update(range(call.past_tokens, min(len(prompt_ids), call.past_tokens + len(call.token_ids))))
         return len(prompt_ids) - len(fed)
+
+    def sample_s(self, prompt_tokens: int) -> tuple[float, float]:
+        """Seconds the meter spent after prefill forwards (inside kvchat's TTFT) and after decode
+        forwards (inside its decode time)."""
+        prefill = sum(call.sample_s for call in self.calls if call.past_tokens < prompt_tokens)
+        decode = sum(call.sample_s for call in self.calls if call.past_tokens >= prompt_tokens)
+        return prefill, decode
 
     def wrong_ids(self, prompt_ids: list[int]) -> int:
         """Fed prompt positions whose id differs from the prompt's (a bug if ever > 0)."""
@@ -164,7 +174,9 @@ class ModelMeter:
 
     def _after(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if self._current is not None:
+            started = time.perf_counter()
             self._sample((_cache_of(kwargs),))
+            self._current.calls[-1].sample_s = time.perf_counter() - started
 
     def _sample(self, running: tuple[Any, ...]) -> None:
         held = reachable_tensor_bytes(*self._roots, *running)

@@ -138,7 +138,9 @@ def write_markdown(path: Path, results: dict[str, Any]) -> None:
     if results["skipped"]:
         lines += ["", "Skipped peers: " + "; ".join(f"{k}: {v}" for k, v in results["skipped"].items())]
     lines += ["", "kvchat's reuse (prefilled, hit, vs oracle) is counted at the model's forward; held bytes are "
-              "sampled after every forward while requests run, running requests included.", ""]  # fmt: skip
+              "sampled after every forward while requests run, running requests included. The meter's own sampling "
+              "time is taken out of kvchat's TTFT and decode time (`meter_ms_ttft`, `meter_ms_decode` in the rows).",
+              ""]  # fmt: skip
     if results["flagged"]:
         lines += ["**Usage records that differ from what the model saw:**", ""]
         lines += [f"- {f['workload']} {f['point']}: claimed {f['claimed_cached_tokens']}, model saw "

@@ -14,7 +14,7 @@ from typing import Any
 
 import gradio as gr
 
-from kvchat import Engine, GenerationError, InputError
+from kvchat import Busy, Engine, GenerationError, InputError
 from kvchat import stats as panel
 from kvchat.config import Config, config_from_args, format_bytes
 from kvchat.models import check_source, resolve_device, resolve_dtype
@@ -24,6 +24,7 @@ from kvchat.startup import BackgroundEngine
 log = logging.getLogger("kvchat.app")
 
 LOAD_WAIT_S = 900  # a first start converts the bundled model; a request waits for it
+QUEUE_POLL_S = 0.5  # how often a queued visitor's place in line is refreshed
 History = list[dict[str, Any]]
 Yield = Iterator[tuple[History, str]]
 
@@ -107,12 +108,18 @@ class Handlers:
                 _session_id(request), conversation(system_prompt, history),
                 max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
             )  # fmt: skip
+        except Busy as err:  # an error, so API clients see it too; the typed text stays in the box
+            raise gr.Error(str(err)) from err
         except InputError as err:
             gr.Warning(str(err))
             yield (history[:-1] if restore is not None else history), restore or ""
             return
         reply = text_message("assistant", "")
         try:
+            while not generation.wait_admitted(QUEUE_POLL_S):  # the engine's queue: say where we are
+                reply["content"][0]["text"] = f"⏳ Queued, {generation.ahead} ahead…"
+                yield history + [reply], ""
+            reply["content"][0]["text"] = ""
             for piece in generation:
                 reply["content"][0]["text"] += piece
                 yield history + [reply], ""
@@ -231,7 +238,7 @@ def build_ui(holder: BackgroundEngine, config: Config) -> gr.Blocks:
                 stats_timer = gr.Timer(2.0, active=False)
 
         settings = [system_box, max_tokens, temperature, top_p]
-        run = {"concurrency_id": "model", "concurrency_limit": 1}
+        run = {"concurrency_limit": None}  # the engine batches and queues; Gradio must not serialise
         chat_io = {"inputs": [textbox, chatbot, *settings], "outputs": [chatbot, textbox]}
         events = [
             textbox.submit(handlers.respond, **chat_io, **run, api_name="chat"),
@@ -264,10 +271,11 @@ def _stats_api(holder: BackgroundEngine):  # noqa: ANN202 - gr.api reads the hin
         return {
             "ready": True, "busy": s.busy, "budget_bytes": s.budget_bytes, "used_bytes": s.used_bytes,
             "requests": s.requests, "hits": s.hits, "misses": s.misses, "evictions": s.evictions,
-            "not_admitted": s.not_admitted,
+            "not_admitted": s.not_admitted, "running": s.running, "waiting": s.waiting,
+            "running_bytes": s.running_bytes, "shared_bytes": s.shared_bytes, "private_bytes": s.private_bytes,
             "token_hit_rate": s.token_hit_rate,
-            "entries": [{"kind": e.kind, "tokens": e.num_tokens, "nbytes": e.nbytes, "hits": e.hits}
-                        for e in s.entries],
+            "entries": [{"kind": e.kind, "tokens": e.num_tokens, "nbytes": e.nbytes, "hits": e.hits,
+                         "sessions": e.sessions, "in_use": e.pinned} for e in s.entries],
         }  # fmt: skip
 
     return stats
@@ -299,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
         lambda: Engine.load(
             model=config.model, device=config.device, dtype=config.dtype,
             cache_budget=config.cache_budget_bytes, usage_db=config.usage_db, store_text=config.store_text,
-            prefix_salt=config.prefix_salt, home=config.home,
+            prefix_salt=config.prefix_salt, home=config.home, max_batch=config.max_batch,
+            max_waiting=config.max_queue,
         )
     )  # fmt: skip
     demo, local_url, share_url = launch(holder, config)

@@ -66,7 +66,8 @@ class Config:
     port: int = 7860
     share: bool = False
     auth: str | None = None  # "user:password" for the Gradio login page
-    max_queue: int = 64  # requests waiting beyond this get "busy, try again"
+    max_queue: int = 64  # requests waiting in the engine's queue beyond this get "busy, try again"
+    max_batch: int = 16  # requests decoded together in one forward
     home: Path = default_home()
 
 
@@ -110,7 +111,10 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
     parser.add_argument("--auth", default=env("AUTH"),
                         help="user:password required to open the app [KVCHAT_AUTH]")
     parser.add_argument("--max-queue", type=int, default=int(env("MAX_QUEUE", "64")),
-                        help="requests that may wait; more get 'busy, try again' [KVCHAT_MAX_QUEUE]")
+                        help="requests that may wait in the engine's queue; more get 'busy, try again' "
+                        "[KVCHAT_MAX_QUEUE]")
+    parser.add_argument("--max-batch", type=int, default=int(env("MAX_BATCH", "16")),
+                        help="requests served together in one batched forward [KVCHAT_MAX_BATCH]")
     parser.add_argument("--home", default=env("HOME", str(default_home())),
                         help="where converted model weights are kept [KVCHAT_HOME]")
     return parser
@@ -126,6 +130,8 @@ def config_from_args(argv: Sequence[str] | None = None, environ: Mapping[str, st
         raise InputError(f"--port must be between 1 and 65535, not {args.port}")
     if args.max_queue < 1:
         raise InputError("--max-queue must be at least 1")
+    if args.max_batch < 1:
+        raise InputError("--max-batch must be at least 1")
     return Config(
         model=args.model or None,
         device=args.device,
@@ -139,5 +145,6 @@ def config_from_args(argv: Sequence[str] | None = None, environ: Mapping[str, st
         share=args.share,
         auth=args.auth,
         max_queue=args.max_queue,
+        max_batch=args.max_batch,
         home=Path(args.home).expanduser(),
     )

@@ -7,6 +7,10 @@ class InputError(ValueError):
     """The request cannot be served as given; the message says what to change."""
 
 
+class Busy(InputError):
+    """The engine's queue is full: nothing is wrong with the request, try it again shortly."""
+
+
 class GenerationError(RuntimeError):
     """Generation failed part-way. `usage` holds what was measured before the failure."""
 

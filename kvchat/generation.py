@@ -1,15 +1,15 @@
-"""A reply being generated: the engine's model thread produces text pieces, the caller iterates them.
+"""A reply being generated: the engine's scheduler produces text pieces, the caller iterates them.
 
 Leaving the iteration early (a Stop button, a closed tab, `break`) sets the cancel flag, and the
-worker stops computing at its next token: the backend really stops, not just the display.
+scheduler drops the request at its next step: the backend really stops, not just the display.
+While the request waits in the engine's queue, `ahead` says how many requests are before it.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable, Iterator
-from concurrent.futures import Executor
+from collections.abc import Iterator
 
 from kvchat.usage import Usage
 
@@ -19,40 +19,45 @@ _END = object()
 class Generation:
     """Iterate for text pieces; afterwards `text` and `usage` are final."""
 
-    def __init__(self, work: Callable[[Generation], Usage], executor: Executor) -> None:
-        self._work = work
-        self._executor = executor
+    def __init__(self) -> None:
         self._pieces: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._cancel = threading.Event()
         self._done = threading.Event()
+        self._started = threading.Event()
+        self.ahead = 0  # requests before this one in the engine's queue (0 once admitted)
+        self.token_ids: list[int] = []  # the reply's token ids (the end-of-turn token not included)
         self.text = ""
         self.usage: Usage | None = None
         self.error: BaseException | None = None
 
-    def start(self) -> Generation:
-        """Queue the work on the executor (the engine's single model thread)."""
-        self._executor.submit(self._run)
-        return self
-
-    # --- worker side ---
+    # --- scheduler side ---
     def emit(self, piece: str) -> None:
         self.text += piece
         self._pieces.put(piece)
+
+    def admitted(self) -> None:
+        self.ahead = 0
+        self._started.set()
+
+    def finish(self, usage: Usage, error: BaseException | None = None) -> None:
+        self.usage, self.error = usage, error
+        self._started.set()
+        self._done.set()
+        self._pieces.put(_END)
 
     @property
     def cancelled(self) -> bool:
         return self._cancel.is_set()
 
-    def _run(self) -> None:
-        try:
-            self.usage = self._work(self)
-        except BaseException as err:  # handed to the consumer, who re-raises it
-            self.error = err
-        finally:
-            self._done.set()
-            self._pieces.put(_END)
-
     # --- consumer side ---
+    @property
+    def waiting(self) -> bool:
+        """Still in the engine's queue (not yet admitted to the batch)."""
+        return not self._started.is_set()
+
+    def wait_admitted(self, timeout: float | None = None) -> bool:
+        return self._started.wait(timeout)
+
     def cancel(self) -> None:
         self._cancel.set()
 
@@ -64,10 +69,10 @@ class Generation:
             if self.error is not None:
                 raise self.error
         finally:
-            self._cancel.set()  # no-op when finished; stops the worker when the caller left early
+            self._cancel.set()  # no-op when finished; stops the request when the caller left early
 
     def wait(self, timeout: float | None = None) -> Usage:
-        """Block until the worker is done (it stops early if cancelled); re-raise its error."""
+        """Block until the request is done (it stops early if cancelled); re-raise its error."""
         if not self._done.wait(timeout):
             raise TimeoutError("generation still running")
         if self.error is not None:

@@ -1,19 +1,17 @@
-"""Content hashing of token-id prefixes, so identical system prompts share one cached KV.
+"""What makes cached KV comparable: the model fingerprint and the sharing scope.
 
-A key covers the model fingerprint (weights, dtype, chat template) and an optional salt, so a cache
-is never served to another model or outside its salt scope. Keys are only an index: callers must
-compare the stored token ids before trusting a hit, because 64-bit hashes can collide.
+A scope key covers the model fingerprint (weights, dtype, chat template) and a salt, so cached KV
+is never served to another model or outside its salt. Inside a scope, `kv_tree` matches token ids
+themselves, so a hash collision can never serve the wrong KV.
 """
 
 from __future__ import annotations
 
-from array import array
 from collections.abc import Iterable, Sequence
 from typing import NewType
 
 import xxhash
 
-PrefixKey = NewType("PrefixKey", str)  # "prefix:" + xxh3_64 hex of (fingerprint, salt, token ids)
 Fingerprint = NewType("Fingerprint", str)  # xxh3_64 hex of what makes KV values comparable
 
 
@@ -26,15 +24,13 @@ def fingerprint(parts: Iterable[str]) -> Fingerprint:
     return Fingerprint(digest.hexdigest())
 
 
-def prefix_key(model: Fingerprint, token_ids: Sequence[int], salt: str = "") -> PrefixKey:
-    """Key of the KV computed for exactly `token_ids` by the model named by `model`."""
+def scope_key(model: Fingerprint, salt: str = "") -> str:
+    """The tree root for requests on `model` that share within `salt`."""
     digest = xxhash.xxh3_64()
     digest.update(model.encode("ascii"))
     digest.update(b"\x00")
     digest.update(salt.encode("utf-8"))
-    digest.update(b"\x00")
-    digest.update(array("q", token_ids).tobytes())
-    return PrefixKey("prefix:" + digest.hexdigest())
+    return "scope:" + digest.hexdigest()
 
 
 def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:

@@ -12,11 +12,13 @@ import pandas as pd
 
 from kvchat.config import format_bytes
 from kvchat.engine import CacheStats
-from kvchat.usage import Usage
+from kvchat.usage import CacheSource, Usage
 from kvchat.usage_log import UsageSummary
 
-SOURCE_WORDS = {"session": "this session", "prefix": "shared prefix", "none": "none"}
-ENTRY_COLUMNS = ["kind", "tokens", "bytes", "hits", "in use", "last used"]
+SOURCE_WORDS: dict[CacheSource, str] = {
+    "session": "this session", "stateless": "earlier stateless requests", "prefix": "shared prefix", "none": "none",
+}  # fmt: skip
+ENTRY_COLUMNS = ["kind", "tokens", "from start", "bytes", "sessions under it", "hits", "in use", "last used"]
 RECENT_COLUMNS = ["time", "source", "prompt tokens", "cached", "new", "TTFT ms", "finish"]
 
 
@@ -33,9 +35,13 @@ def badge(usage: Usage) -> str:
 
 
 def badge_detail(usage: Usage) -> str:
-    waited = f", waited {usage.wait_ms:,.0f} ms for the model" if usage.wait_ms >= 50 else ""
+    waited = ""
+    if usage.wait_ms >= 50:
+        ahead = f" behind {usage.queued_behind}" if usage.queued_behind else ""
+        waited = f", queued {usage.wait_ms:,.0f} ms{ahead}"
+    batch = f", decoded in batches of {usage.batch_size:.1f} on average" if usage.batch_size > 1.05 else ""
     return (
-        f"{usage.new_tokens} new tokens in {usage.total_ms / 1000:.2f} s{waited}; finish: "
+        f"{usage.new_tokens} new tokens in {usage.total_ms / 1000:.2f} s{waited}{batch}; finish: "
         f"{usage.finish_reason}; cache now holds {format_bytes(usage.cache_bytes)}"
         + (f"; evicted {usage.evictions} entr{'y' if usage.evictions == 1 else 'ies'}" if usage.evictions else "")
         + ("; too big for the cache budget, so not kept" if usage.not_admitted else "")
@@ -50,20 +56,22 @@ def panel_markdown(stats: CacheStats, summary: UsageSummary | None, log_warning:
     used_pct = 100 * stats.used_bytes / stats.budget_bytes if stats.budget_bytes else 0.0
     sessions = sum(e.kind == "session" for e in stats.entries)
     prefixes = sum(e.kind == "prefix" for e in stats.entries)
+    stateless = sum(e.kind == "stateless" for e in stats.entries)
+    widest = max((e for e in stats.entries if e.kind == "prefix"), key=lambda e: e.sessions, default=None)
     lines = [
         "### Live cache (since start)",
         f"- **Token hit rate:** {stats.token_hit_rate:.1%} "
         f"({stats.cached_tokens:,} of {stats.prompt_tokens:,} prompt tokens served from cache)",
-        f"- **Requests:** {stats.requests:,} ({stats.hits:,} warm, {stats.misses:,} cold)"
-        + (" · generating now" if stats.busy else ""),
+        f"- **Requests:** {stats.requests:,} ({stats.hits:,} warm, {stats.misses:,} cold)",
+        f"- **Now:** {stats.running} running, {stats.waiting} waiting",
         f"- **Bytes held:** {format_bytes(stats.used_bytes)} of {format_bytes(stats.budget_bytes)} "
-        f"budget ({used_pct:.1f}%)",
-        f"- **Entries:** {sessions} session cache(s), {prefixes} shared prefix(es)",
+        f"budget ({used_pct:.1f}%): shared {format_bytes(stats.shared_bytes)}, private "
+        f"{format_bytes(stats.private_bytes)}, running requests {format_bytes(stats.running_bytes)}",
+        f"- **Cached runs:** {prefixes} shared prefix(es), {sessions} session turn(s), {stateless} stateless turn(s)"
+        + (f"; the most shared prefix serves {widest.sessions} session(s)" if widest else ""),
         f"- **Evictions so far:** {stats.evictions:,}"
         + (f" · **not admitted** (bigger than the budget allows): {stats.not_admitted:,}" if stats.not_admitted else ""),
     ]
-    if stats.collisions:
-        lines.append(f"- **Hash collisions caught:** {stats.collisions} (nothing wrong was served)")
     lines.append("### History (usage log)")
     if summary is None:
         lines.append("- usage log unavailable")
@@ -82,7 +90,8 @@ def panel_markdown(stats: CacheStats, summary: UsageSummary | None, log_warning:
 def entry_rows(stats: CacheStats, now_s: float | None = None) -> list[list[object]]:
     now_s = time.time() if now_s is None else now_s
     return [
-        [e.kind, e.num_tokens, format_bytes(e.nbytes), e.hits, "yes" if e.pinned else "",
+        [e.kind, e.num_tokens, e.depth_tokens - e.num_tokens, format_bytes(e.nbytes), e.sessions, e.hits,
+         "yes" if e.pinned else "",
          f"{max(0.0, now_s - e.last_used_s):.0f} s ago"]
         for e in stats.entries
     ]  # fmt: skip

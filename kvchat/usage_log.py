@@ -19,7 +19,7 @@ from pathlib import Path
 
 import sqlite_utils
 
-from kvchat.lru import Eviction
+from kvchat.kv_tree import Eviction
 from kvchat.usage import Usage
 
 log = logging.getLogger(__name__)
@@ -64,8 +64,15 @@ def m005_not_admitted(db: sqlite_utils.Database) -> None:
     db["requests"].add_column("not_admitted", int, not_null_default=0)
 
 
+def m006_batching(db: sqlite_utils.Database) -> None:
+    """How a request was served among others: requests ahead of it on arrival, and the mean number
+    of requests in the forwards that decoded its reply."""
+    db["requests"].add_column("queued_behind", int, not_null_default=0)
+    db["requests"].add_column("batch_size", float, not_null_default=0)
+
+
 MIGRATIONS: Sequence[Callable[[sqlite_utils.Database], None]] = (
-    m001_requests, m002_evictions, m003_message_text, m004_budget, m005_not_admitted,
+    m001_requests, m002_evictions, m003_message_text, m004_budget, m005_not_admitted, m006_batching,
 )
 
 

@@ -108,15 +108,15 @@ def test_sigterm_flushes_the_log_and_exits_cleanly(tiny_model_dir, tmp_path):
 
 
 def test_full_queue_says_busy_and_the_queued_are_served(tiny_loaded, tmp_path):
-    """Deterministic: the model waits at a gate the test holds, so the first request is running and
-    the second waiting when the others arrive; then the gate opens."""
+    """Deterministic: the model waits at a gate the test holds, so the first request is running
+    (max batch 1) and the second waiting in the engine's queue when the others arrive."""
     gate, reached = threading.Event(), threading.Event()
 
     def hold(module, args, kwargs):
         reached.set()
         assert gate.wait(120), "the test never opened the gate"
 
-    engine = Engine(tiny_loaded, cache_budget_bytes=2**24)
+    engine = Engine(tiny_loaded, cache_budget_bytes=2**24, max_batch=1, max_waiting=1)
     config = config_from_args(["--max-queue", "1", "--port", str(free_port()), "--usage-db", str(tmp_path / "u.db")])
     demo, url, _ = app.launch(BackgroundEngine(lambda: engine), config)
     hook = tiny_loaded.model.register_forward_pre_hook(hold, with_kwargs=True)
@@ -125,15 +125,17 @@ def test_full_queue_says_busy_and_the_queued_are_served(tiny_loaded, tmp_path):
         running = ask()
         assert reached.wait(60), "the first request never reached the model"
         waiting = ask()
-        wait_until(lambda: waiting.status().code == Status.IN_QUEUE, "the second request is queued")
+        wait_until(lambda: engine.stats().waiting == 1, "the second request waits in the engine's queue")
         refused = [ask() for _ in range(3)]
         for job in refused:
-            with pytest.raises(Exception, match="(?i)queue is full"):
+            with pytest.raises(Exception, match="(?i)busy"):
                 job.result(timeout=60)
+        assert engine.stats().waiting == 1
         gate.set()
         for job in (running, waiting):
             history, _ = job.result(timeout=120)
             assert history[0]["role"] == "user" and history[1]["role"] == "assistant"
+            assert "Queued" not in history[1]["content"][0]["text"]
     finally:
         gate.set()
         hook.remove()

@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from kvchat import Engine
+from kvchat import Engine, kv_storage
 from kvchat.bench import Plan, report, run, systems, workloads
 from kvchat.bench import __main__ as bench_main
 from kvchat.bench.meter import ModelMeter
@@ -14,7 +14,7 @@ from kvchat.bench.oracle import Oracle, render_ids
 
 TINY = Plan(points=(150, 400), follow_ups=2, recompute_repeats=1, shared_colds=3, shared_warm=2, new_tokens=4,
             decode_tokens=6, decode_repeats=1, pressure_sessions=5, pressure_exact=2, long_lengths=(4, 24),
-            long_repeats=1)  # fmt: skip
+            long_repeats=1, visitor_counts=(1, 3), capacity_sessions=4)  # fmt: skip
 SYSTEM = {"role": "system", "content": "You are the helpdesk of a planetarium. " * 6}
 
 
@@ -39,7 +39,8 @@ def test_quick_bench_on_the_tiny_model_writes_consistent_results(tiny_loaded, tm
     loaded = json.loads((tmp_path / "results.json").read_text())
     summary = loaded["summary"]
     assert set(summary) == set(report.TARGETS)
-    assert all(isinstance(v, (int, float)) for v in summary.values()), summary
+    peerless = {"visitors_8_over_llama_cpp"}  # needs the llama-cpp peer, not installed for the tests
+    assert all(isinstance(v, (int, float)) for k, v in summary.items() if k not in peerless), summary
     assert summary["exact_match"] == 1.0  # greedy fp32 replies equal plain generate
     assert summary["cached_tokens_mismatches"] == 0 and loaded["flagged"] == []
     assert summary["speedup_shared_prefix"] > 1 and summary["speedup_followup_2k"] > 1
@@ -50,13 +51,17 @@ def test_quick_bench_on_the_tiny_model_writes_consistent_results(tiny_loaded, tm
     assert by_workload[("budget_pressure", "kvchat", "turn2")]["oracle_ratio"] < 1.0
     assert summary["hit_ratio_vs_oracle"] < 1.0
     cold = [r for r in loaded["rows"] if (r["workload"], r["system"], r["point"]) == ("shared_prefix", "kvchat", "cold")]
-    assert len(cold) == 3 and all(r["prefilled_tokens"] == r["prompt_tokens"] for r in cold)
+    # fresh variants share only their first few tokens ("<|im_start|>system\nDesk"): that much is reused
+    assert len(cold) == 3 and all(r["prompt_tokens"] - r["prefilled_tokens"] == r["oracle_tokens"] < 10 for r in cold)
     for point in ("150", "400"):
         assert by_workload[("multi_turn", "kvchat", point)]["prefilled_tokens"] < \
             by_workload[("multi_turn", "recompute", point)]["prefilled_tokens"]  # fmt: skip
     # held bytes were sampled at every forward of every kvchat request
-    kvchat_rows = [r for r in loaded["rows"] if r["system"] == "kvchat"]
+    kvchat_rows = [r for r in loaded["rows"] if r["system"] == "kvchat" and r["workload"] != "visitors"]
     assert all(r["held_samples"] >= 1 + r["new_tokens"] for r in kvchat_rows)
+    crowd = loaded["visitors"]["table"]
+    assert [t["visitors"] for t in crowd] == [1, 3] and crowd[1]["mean_batch"] > 1
+    assert summary["budget_violations"] == 0 and 0 <= summary["sessions_kept_256mib"] <= 1
     assert any(why in loaded["skipped"]["llama-cpp"] for why in ("not installed", "needs the bundled GGUF"))
     assert "## Summary" in (tmp_path / "results.md").read_text()
 
@@ -83,13 +88,19 @@ def test_meter_counts_reuse_at_the_model_and_flags_a_false_claim(bench):
                                            "claimed_cached_tokens": boast.prompt_tokens, "wrong_ids": 0}]  # fmt: skip
 
 
-def test_meter_sees_running_requests_over_the_budget(tiny_loaded, bench):
-    """Running requests' caches are allocated outside the store's budget today: the meter, sampling
-    at every forward, must see it; the store's own ledger never does."""
-    small = systems.Kvchat(Engine(tiny_loaded, cache_budget_bytes=4096), "small")
-    _, row = bench.ask_kvchat("t", "x", "alice", [SYSTEM, user("Tell me about comets.")], system=small)
-    assert small.engine.stats().used_bytes <= 4096
-    assert row.held_samples >= 2 and row.budget_violations >= 1 and row.max_held_bytes > 4096
+def test_meter_samples_running_requests_and_catches_bytes_the_ledger_misses(tiny_loaded, bench):
+    """The meter counts every tensor reachable from the engine at every forward, so running
+    buffers are in its samples, and so is a stray tensor no ledger knows about."""
+    per_token = kv_storage.bytes_per_token(tiny_loaded.model, tiny_loaded.device, tiny_loaded.dtype)
+    messages = [SYSTEM, user("Tell me about comets.")]
+    budget = per_token * (len(bench.prompt_ids(messages)) + 4)  # this request alone fills it
+    small = systems.Kvchat(Engine(tiny_loaded, cache_budget_bytes=budget), "small")
+    _, row = bench.ask_kvchat("t", "x", "alice", messages, system=small)
+    assert row.held_samples >= 2 and row.budget_violations == 0 and row.max_held_bytes > budget // 2
+    small.engine.stray = torch.zeros(budget + 1, dtype=torch.uint8)  # bytes no ledger counts
+    _, row = bench.ask_kvchat("t", "x", "bob", [user("Hi")], system=small)
+    assert row.budget_violations >= 1 and row.max_held_bytes > budget
+    small.engine.close()
 
 
 def test_oracle_serves_each_scope_its_longest_fed_prefix(tokenizer):

@@ -7,10 +7,9 @@ import pytest
 
 from conftest import greedy_baseline
 from kvchat import Engine, GenerationError, InputError
-from kvchat import engine as engine_module
-from kvchat import hf_cache
+from kvchat import kv_storage
 from kvchat.bench.meter import reachable_tensor_bytes
-from kvchat.prefix import PrefixKey
+from kvchat.chat import ChatTemplate
 from kvchat.usage_log import UsageLog
 
 SYSTEM = {"role": "system", "content": "You answer questions about the solar system. " * 8}
@@ -76,9 +75,10 @@ def test_edit_and_retry_crop_the_session_cache_and_stay_exact(tiny_engine, tiny_
 
 
 def test_budget_holds_after_every_request_and_evicted_sessions_still_answer(tiny_loaded, usage_db):
-    per_session = hf_cache.kv_nbytes(_filled_cache(tiny_loaded, 300))
-    engine = Engine(tiny_loaded, cache_budget_bytes=int(per_session * 3.5), usage_log=UsageLog(usage_db))
     conversations = {f"s{i}": [SYSTEM, user(f"Question number {i} about comets?")] for i in range(8)}
+    prompt_tokens = len(ChatTemplate(tiny_loaded.tokenizer).encode(conversations["s0"]).token_ids)
+    budget = _nbytes(tiny_loaded, prompt_tokens + NEW + 40)  # one running request and ~2 sessions' turns
+    engine = Engine(tiny_loaded, cache_budget_bytes=budget, usage_log=UsageLog(usage_db))
     for name, messages in itertools.chain(conversations.items(), conversations.items()):
         reply = engine.chat(name, messages, max_new_tokens=NEW)
         held = reachable_tensor_bytes(engine)  # counted from the tensors, not from the store's ledger
@@ -89,28 +89,26 @@ def test_budget_holds_after_every_request_and_evicted_sessions_still_answer(tiny
     engine.close()
 
 
-def test_request_bigger_than_the_whole_budget_answers_and_is_not_kept(tiny_loaded):
-    engine = Engine(tiny_loaded, cache_budget_bytes=1024, usage_log=None)
-    messages = [SYSTEM, user("Hello?")]
-    reply = engine.chat("alice", messages, max_new_tokens=NEW)
-    assert reply.text == greedy_baseline(tiny_loaded, engine, messages, NEW)
-    assert reachable_tensor_bytes(engine) == engine.stats().used_bytes == 0
-    assert (reply.usage.not_admitted, reply.usage.evictions) == (2, 0)  # neither its prefix nor its session
-    assert engine.stats().not_admitted == 2
+def test_request_bigger_than_the_whole_budget_is_refused_before_any_work(tiny_loaded):
+    engine = Engine(tiny_loaded, cache_budget_bytes=_nbytes(tiny_loaded, 40), usage_log=None)
+    with pytest.raises(InputError, match=r"needs [\d.]+ MiB of KV cache .* but the cache budget is [\d.]+ MiB"):
+        engine.stream("alice", [SYSTEM, user("Hello?")], max_new_tokens=NEW)
+    assert engine.stats().requests == 0 and reachable_tensor_bytes(engine) == 0
+    engine.close()
 
 
 def test_an_oversized_conversation_does_not_wipe_other_sessions(tiny_loaded):
-    small = hf_cache.kv_nbytes(_filled_cache(tiny_loaded, 60))
-    engine = Engine(tiny_loaded, cache_budget_bytes=3 * small, usage_log=None)
+    engine = Engine(tiny_loaded, cache_budget_bytes=_nbytes(tiny_loaded, 768), usage_log=None)
     short = {name: [user(f"Hi, I am {name}.")] for name in ("alice", "bob")}
     for name, messages in short.items():
         engine.chat(name, messages, max_new_tokens=NEW)
     huge = [user("Tell me everything about comets. " * 200)]  # ~1,250 tokens: over the 768-position budget
-    reply = engine.chat("carol", huge, max_new_tokens=NEW)
-    assert reply.usage.not_admitted == 1 and reply.usage.evictions == 0
+    with pytest.raises(InputError, match="cache budget"):
+        engine.chat("carol", huge, max_new_tokens=NEW)
     for name, messages in short.items():  # both still find their own cache
         follow = engine.chat(name, grow(messages, "Hello.", "And then?"), max_new_tokens=NEW)
         assert follow.usage.cache_source == "session" and follow.usage.cached_tokens > 10
+    engine.close()
 
 
 def test_cached_bytes_are_the_real_tensor_bytes(tiny_engine):
@@ -121,13 +119,11 @@ def test_cached_bytes_are_the_real_tensor_bytes(tiny_engine):
     assert stats.used_bytes == sum(e.nbytes for e in stats.entries) == reachable_tensor_bytes(tiny_engine) > 0
 
 
-def test_hash_collision_never_serves_wrong_kv(tiny_engine, tiny_loaded, monkeypatch):
-    monkeypatch.setattr(engine_module, "prefix_key", lambda *args, **kwargs: PrefixKey("prefix:collide"))
+def test_a_system_prompt_that_only_begins_alike_is_not_served_the_others_kv(tiny_engine, tiny_loaded):
     tiny_engine.chat("alice", [SYSTEM, user("Hi")], max_new_tokens=NEW)
-    other = [{"role": "system", "content": "A different system prompt entirely."}, user("Hi")]
+    other = [{"role": "system", "content": SYSTEM["content"] + " Answer in French."}, user("Hi")]
     reply = tiny_engine.chat("bob", other, max_new_tokens=NEW)
-    assert reply.usage.cache_source == "none"
-    assert tiny_engine.stats().collisions == 1
+    assert reply.usage.cached_tokens < tiny_engine.encode(other).prefix_len
     assert reply.text == greedy_baseline(tiny_loaded, tiny_engine, other, NEW)
 
 
@@ -175,7 +171,8 @@ def test_failing_forward_reports_error_then_the_session_recovers(tiny_engine, ti
     finally:
         hook.remove()
     assert failure.value.usage.finish_reason == "error"
-    assert [e.kind for e in tiny_engine.stats().entries] == ["prefix"]  # the half-written session was dropped
+    assert [e.kind for e in tiny_engine.stats().entries] == ["prefix"]  # the half-written turns were dropped
+    assert tiny_engine.stats().running_bytes == 0 and not tiny_engine.stats().busy
     reply = tiny_engine.chat("alice", follow, max_new_tokens=NEW)
     assert reply.usage.cache_source == "prefix"  # started over from what could be trusted
     assert reply.text == greedy_baseline(tiny_loaded, tiny_engine, follow, NEW)
@@ -231,13 +228,9 @@ def test_every_request_is_logged_without_its_text(tiny_engine, usage_db):
     assert "alice" not in {r["session"] for r in rows}  # session ids are stored hashed
 
 
-def _filled_cache(loaded, num_tokens):
-    import torch
-
-    cache = hf_cache.new_cache(loaded.model)
-    with torch.inference_mode():
-        loaded.model(input_ids=torch.ones(1, num_tokens, dtype=torch.long), cache=cache, use_cache=True)
-    return cache
+def _nbytes(loaded, num_tokens):
+    """Bytes of `num_tokens` positions of KV, measured on a real buffer."""
+    return kv_storage.bytes_per_token(loaded.model, loaded.device, loaded.dtype) * num_tokens
 
 
 def test_store_text_logs_the_typed_text_of_browser_style_messages(tiny_loaded, usage_db):

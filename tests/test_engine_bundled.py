@@ -4,7 +4,8 @@ reply plain `model.generate` gives on the whole conversation, token for token.""
 import pytest
 
 from conftest import greedy_baseline
-from kvchat import Engine
+from kvchat import Engine, kv_storage
+from kvchat.chat import ChatTemplate
 from kvchat.presets import load_presets
 
 NEW = 24
@@ -52,12 +53,14 @@ def test_shared_long_prefix_then_edit_stays_exact(engine, bundled_loaded):
 
 
 def test_after_an_eviction_the_evicted_session_is_still_exact(bundled_loaded):
-    engine = Engine(bundled_loaded, cache_budget_bytes=20 * 2**20, usage_log=None)  # ~1.5 short sessions
     first = [{"role": "user", "content": "Give me a fun fact about owls."}]
-    engine.chat("alice", first, max_new_tokens=NEW)
-    engine.chat("bob", [{"role": "user", "content": "Give me a fun fact about bees."}], max_new_tokens=NEW)
-    assert engine.stats().evictions >= 1 and engine.stats().used_bytes <= 20 * 2**20
     follow = first + [{"role": "assistant", "content": "Owls can turn their heads far."},
                       {"role": "user", "content": "Another one, please."}]  # fmt: skip
+    per_token = kv_storage.bytes_per_token(bundled_loaded.model, bundled_loaded.device, bundled_loaded.dtype)
+    budget = per_token * (len(ChatTemplate(bundled_loaded.tokenizer).encode(follow).token_ids) + NEW)
+    engine = Engine(bundled_loaded, cache_budget_bytes=budget, usage_log=None)  # the follow-up just fits alone
+    engine.chat("alice", first, max_new_tokens=NEW)
+    engine.chat("bob", [{"role": "user", "content": "Give me a fun fact about bees."}], max_new_tokens=NEW)
+    assert engine.stats().evictions >= 1 and engine.stats().used_bytes <= budget
     reply = engine.chat("alice", follow, max_new_tokens=NEW)
     assert reply.text == greedy_baseline(bundled_loaded, engine, follow, NEW)

@@ -5,7 +5,7 @@ import time
 import pytest
 import sqlite_utils
 
-from kvchat.lru import Eviction
+from kvchat.kv_tree import Eviction
 from kvchat.usage import Usage
 from kvchat.usage_log import UsageLog, migrate
 

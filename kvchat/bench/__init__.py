@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from kvchat import hf_cache
-from kvchat.bench import report, systems, workloads
+from kvchat import kv_storage
+from kvchat.bench import crowd, report, systems, workloads
 from kvchat.bench.meter import ModelMeter
 from kvchat.engine import Engine
 from kvchat.models import LoadedModel
@@ -41,10 +41,13 @@ class Plan:
     pressure_exact: int  # how many second turns under pressure are checked against the baseline
     long_lengths: tuple[int, ...]  # reply lengths whose decode speed is compared
     long_repeats: int
+    visitor_counts: tuple[int, ...] = (1, 2, 4, 8, 16)  # sessions chatting at once on the FAQ preset
+    capacity_sessions: int = 40  # sessions taking turns under CAPACITY_BUDGET
 
 
-QUICK = Plan((500, 2000, 4000), 3, 2, 3, 3, 16, 32, 2, 6, 3, (32, 512), 1)
-FULL = Plan((500, 1000, 2000, 4000), 5, 3, 4, 7, 16, 64, 3, 10, 10, (32, 512), 2)
+CAPACITY_BUDGET = 256 * 2**20
+QUICK = Plan((500, 2000, 4000), 3, 2, 3, 3, 16, 32, 2, 6, 3, (32, 512), 1, (1, 4, 8), 16)
+FULL = Plan((500, 1000, 2000, 4000), 5, 3, 4, 7, 16, 64, 3, 10, 10, (32, 512), 2, (1, 2, 4, 8, 16), 40)
 
 
 def missing_dependencies() -> list[str]:
@@ -67,11 +70,9 @@ def peak_rss_mib() -> float:
 
 
 def pressure_budget(loaded: LoadedModel) -> int:
-    """About three short sessions' worth of KV, measured from a real cache of the model."""
-    cache = hf_cache.new_cache(loaded.model, reserve_tokens=1)
-    with torch.inference_mode():
-        loaded.model(input_ids=torch.tensor([[1]], device=loaded.device), cache=cache, use_cache=True)
-    return int(3.5 * hf_cache.kv_nbytes(cache))
+    """Room for one running short request and about two sessions' turns (200 positions of KV,
+    measured on a real buffer): fewer than the workload's sessions, so the tree must evict."""
+    return 200 * kv_storage.bytes_per_token(loaded.model, loaded.device, loaded.dtype)
 
 
 def make_peers(engine: Engine, wanted: list[str], gguf: str | None) -> tuple[list[Any], dict[str, str]]:
@@ -101,14 +102,19 @@ def run(loaded: LoadedModel, plan: Plan, peers: list[str], quick: bool, budget_b
     others = 1 + len(peer_systems)
     shared = plan.shared_colds * (1 + plan.shared_warm) + (1 + plan.shared_warm) * others
     long = plan.long_repeats * len(plan.long_lengths) * 2
+    cb = any(isinstance(p, systems.ContinuousBatching) for p in peer_systems)
+    crowds = sum(plan.visitor_counts) * (2 + cb) + max(plan.visitor_counts, default=0) + plan.capacity_sessions * 2
     planned = (len(plan.points) * (1 + 2 * plan.follow_ups + plan.recompute_repeats * others + len(peer_systems))
-               + shared + 10 + plan.pressure_sessions * 2 + plan.pressure_exact + plan.decode_repeats * 2 + long)  # fmt: skip
+               + shared + 10 + plan.pressure_sessions * 2 + plan.pressure_exact + plan.decode_repeats * 2 + long
+               + crowds)  # fmt: skip
     bar = tqdm(total=planned, desc="kvchat bench", unit="req")
     meter = ModelMeter(loaded.model)
     bench = workloads.Bench(engine, systems.Kvchat(engine, "main"), systems.Recompute(engine), systems.Floor(engine),
                             peer_systems, plan.new_tokens, meter, tick=bar.update)  # fmt: skip
     pressure = systems.Kvchat(Engine(loaded, pressure_budget(loaded)), "pressure")
+    capacity_engine = Engine(loaded, CAPACITY_BUDGET)
     rss: dict[str, float] = {}
+    found: dict[str, Any] = {}
     steps = [
         ("multi_turn", lambda: workloads.multi_turn(bench, list(plan.points), plan.follow_ups, plan.recompute_repeats)),
         ("shared_prefix", lambda: workloads.shared_prefix(bench, plan.shared_colds, plan.shared_warm)),
@@ -117,6 +123,9 @@ def run(loaded: LoadedModel, plan: Plan, peers: list[str], quick: bool, budget_b
                                                               plan.pressure_exact)),
         ("decode", lambda: workloads.decode_speed(bench, plan.decode_tokens, plan.decode_repeats)),
         ("decode_length", lambda: workloads.decode_length(bench, plan.long_lengths, plan.long_repeats)),
+        ("visitors", lambda: found.update(crowds=crowd.visitors(bench, plan.visitor_counts, cb))),
+        ("capacity", lambda: found.update(kept=crowd.capacity(bench, systems.Kvchat(capacity_engine, "capacity"),
+                                                              plan.capacity_sessions))),
     ]  # fmt: skip
     try:
         for name, step in steps:
@@ -128,10 +137,14 @@ def run(loaded: LoadedModel, plan: Plan, peers: list[str], quick: bool, budget_b
         meter.close()
         for peer in peer_systems:
             getattr(peer, "close", lambda: None)()
+        for other in (engine, pressure.engine, capacity_engine):
+            other.close()
+    visitors = crowd.summary(found.get("crowds", []))
     return {
         "quick": quick, "machine": machine(), "model": loaded.name, "device": str(loaded.device),
         "dtype": str(loaded.dtype).removeprefix("torch."), "plan": asdict(plan), "skipped": skipped,
-        "summary": report.summarize(bench.rows, list(plan.points), startup()),
+        "summary": report.summarize(bench.rows, list(plan.points), startup(), visitors, found.get("kept")),
+        "visitors": visitors,
         "flagged": report.flagged(bench.rows), "groups": report.groups(bench.rows),
         "rows": [r.as_dict() for r in bench.rows], "peak_rss_mib": rss,
     }  # fmt: skip

@@ -168,8 +168,12 @@ class ModelMeter:
         if self._current is None:
             return
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        cache = _cache_of(kwargs)
-        past = cache.get_seq_length() if cache is not None else 0
+        positions = kwargs.get("position_ids")
+        if positions is not None:  # the positions the model is told the ids sit at (RoPE uses them)
+            past = int(positions[0, 0])
+        else:
+            cache = _cache_of(kwargs)
+            past = cache.get_seq_length() if cache is not None else 0
         self._current.calls.append(Call(past, input_ids[0].tolist()))
 
     def _after(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:

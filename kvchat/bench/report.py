@@ -17,6 +17,8 @@ TARGETS = {  # (comparison, bound) from the issues; measured, never asserted in 
     "decode_ratio": (">=", 0.95), "hit_ratio_vs_oracle": (">=", 0.99), "cached_tokens_mismatches": ("==", 0),
     "budget_violations": ("==", 0), "peak_held_over_budget": ("<=", 1.0), "exact_match": ("==", 1.0),
     "startup_s": ("<=", 5), "ttft_growth_500_4000": ("<=", 1.5), "decode_flatness_512_32": (">=", 0.95),
+    "throughput_8_visitors": (">=", 4), "ttft_p95_8_visitors": ("<=", 5), "sessions_kept_256mib": (">=", 0.9),
+    "batched_exact": (">=", 0.95), "visitors_8_over_llama_cpp": (">=", 1),
 }  # fmt: skip
 
 
@@ -40,7 +42,8 @@ def ttfts(rows: list[Row], workload: str, system: str, point: str | None = None)
     return [r.ttft_ms for r in rows if r.workload == workload and r.system == system and point in (None, r.point)]
 
 
-def summarize(rows: list[Row], points: list[int], startup_s: float | None) -> dict[str, float | None]:
+def summarize(rows: list[Row], points: list[int], startup_s: float | None, visitors: dict[str, Any] | None = None,
+              sessions_kept: float | None = None) -> dict[str, float | None]:  # fmt: skip
     """The summary keys. 'followup_2k' is the history point nearest 2,000 tokens, and
     'growth_500_4000' is the largest point over the smallest (500 and 4,000 in the real runs).
     Reuse and bytes come from the model-side meter and the oracle, never from kvchat's usage."""
@@ -71,6 +74,21 @@ def summarize(rows: list[Row], points: list[int], startup_s: float | None) -> di
         "ttft_growth_500_4000": _ratio(_median(ttfts(rows, "multi_turn", "kvchat", str(max(points)))),
                                        _median(ttfts(rows, "multi_turn", "kvchat", str(min(points))))),  # fmt: skip
         "decode_flatness_512_32": _ratio(flatness("kvchat"), flatness("recompute")),
+        **crowd_keys(visitors or {"table": []}, sessions_kept, decode("llama-cpp", near_2k, "multi_turn")),
+    }
+
+
+def crowd_keys(visitors: dict[str, Any], sessions_kept: float | None, llama_tok_s: float | None) -> dict[str, Any]:
+    """The keys of the visitors and capacity workloads (8 visitors, or the largest count below)."""
+    table = visitors["table"]
+    eight = max((t for t in table if t["visitors"] <= 8), key=lambda t: t["visitors"], default=None)
+    counted = [(int(t["exact"].split("/")[0]), t["visitors"]) for t in table if t["visitors"] > 1]
+    return {
+        "throughput_8_visitors": eight["throughput_ratio"] if eight else None,
+        "ttft_p95_8_visitors": _ratio(eight["ttft_p95_ms"], visitors.get("lone_warm_ttft_p50_ms")) if eight else None,
+        "sessions_kept_256mib": sessions_kept,
+        "batched_exact": sum(e for e, _ in counted) / sum(n for _, n in counted) if counted else None,
+        "visitors_8_over_llama_cpp": _ratio(eight["together_tok_s"], llama_tok_s) if eight else None,
     }
 
 
@@ -158,8 +176,30 @@ def write_markdown(path: Path, results: dict[str, Any]) -> None:
             f"{_fmt(g['hit_ratio'], 3)} | {_fmt(g['oracle_ratio'], 3)} | {_fmt(g['decode_tokens_per_s'], 1)} | "
             f"{held} | {_fmt(g['budget_violations'])} | {_fmt(g['exact'])} |"
         )
+    lines += _visitors_markdown(results.get("visitors"))
     lines += ["", f"Peak process memory (RSS) after each workload, MiB: {results['peak_rss_mib']}", ""]
     path.write_text("\n".join(lines), encoding="utf-8")
+
+
+def _visitors_markdown(visitors: dict[str, Any] | None) -> list[str]:
+    if not visitors or not visitors["table"]:
+        return []
+    lines = ["", "## Visitors at once (FAQ preset cached, 96 new tokens max, greedy)", "",
+             f"A lone warm request's TTFT p50: {_fmt(visitors['lone_warm_ttft_p50_ms'])} ms.", "",
+             "| visitors | one by one tok/s | at once tok/s | ratio | transformers-cb tok/s | TTFT p50 ms | "
+             "TTFT p95 ms | mean batch | batched = solo |", "|" + "---|" * 9]  # fmt: skip
+    for t in visitors["table"]:
+        lines.append(f"| {t['visitors']} | {_fmt(t['serial_tok_s'], 1)} | {_fmt(t['together_tok_s'], 1)} | "
+                     f"{_fmt(t['throughput_ratio'], 2)} | {_fmt(t['cb_tok_s'], 1)} | {_fmt(t['ttft_p50_ms'])} | "
+                     f"{_fmt(t['ttft_p95_ms'])} | {_fmt(t['mean_batch'], 1)} | {t['exact']} |")  # fmt: skip
+    differences = [(t["visitors"], d) for t in visitors["table"] for d in t["differences"]]
+    if differences:
+        lines += ["", "Batched replies that differ from their solo twin (first differing step; the model's own "
+                  "top-2 logit gap there, from a plain forward):", ""]  # fmt: skip
+        lines += [f"- {n} at once, visitor {d['visitor']}: step {d['step']}, gap {d['top2_gap']:.5f} "
+                  f"(batched chose {d['batched']}, solo {d['solo']}, plain forward's top 2 {d['plain_forward_top2']})"
+                  for n, d in differences]  # fmt: skip
+    return lines
 
 
 def write_plot(path: Path, results: dict[str, Any]) -> None:

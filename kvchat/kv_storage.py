@@ -215,10 +215,15 @@ class KVRun:
         return sum(t.untyped_storage().nbytes() for t in (*self.keys, *self.values))
 
     def split(self, at: int) -> tuple[KVRun, KVRun]:
-        """Two independent exact-size runs: positions [0, at) and [at, n)."""
-        head = KVRun([k[:, :at].clone() for k in self.keys], [v[:, :at].clone() for v in self.values])
-        tail = KVRun([k[:, at:].clone() for k in self.keys], [v[:, at:].clone() for v in self.values])
-        return head, tail
+        """Positions [0, at) and [at, n) as two runs. The smaller side is copied; the larger stays a
+        view of this run's storage, which therefore stays alive and is counted whole (`nbytes`
+        reads the storage): a split costs at most half the run, in time and in bytes."""
+        def part(lo: int, hi: int | None, copy: bool) -> KVRun:
+            take = (lambda t: t[:, lo:hi].clone()) if copy else (lambda t: t[:, lo:hi])
+            return KVRun([take(k) for k in self.keys], [take(v) for v in self.values])
+
+        head_is_smaller = at <= self.num_tokens - at
+        return part(0, at, head_is_smaller), part(at, None, not head_is_smaller)
 
 
 class RowBuffer:
@@ -239,6 +244,11 @@ class RowBuffer:
     def nbytes(self) -> int:
         return sum(t.untyped_storage().nbytes() for t in (*self.keys, *self.values))
 
+    def filled(self, layer: int, new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's keys and values up to and including the `new_tokens` being fed."""
+        end = self.num_tokens + new_tokens
+        return self.keys[layer][:, :end], self.values[layer][:, :end]
+
     def append_run(self, run: KVRun, num_tokens: int) -> None:
         """Copy the first `num_tokens` positions of `run` after what the buffer holds."""
         end = self.num_tokens + num_tokens
@@ -251,14 +261,14 @@ class RowBuffer:
         n = self.num_tokens if num_tokens is None else num_tokens
         return KVRun([k[:, :n].clone() for k in self.keys], [v[:, :n].clone() for v in self.values])
 
-    def take_run(self, num_tokens: int) -> KVRun:
-        """Turn the first `num_tokens` positions into an exact-size run, one tensor at a time,
+    def take_run(self, num_tokens: int, start: int = 0) -> KVRun:
+        """Turn `num_tokens` positions from `start` into an exact-size run, one tensor at a time,
         freeing each buffer tensor as soon as it is copied: at most `transient_nbytes` are ever
         held twice. The buffer is empty afterwards."""
         keys, values = [], []
         for mine, theirs in ((self.keys, keys), (self.values, values)):
             for layer, buffer in enumerate(mine):
-                theirs.append(buffer[:, :num_tokens].clone())
+                theirs.append(buffer[:, start : start + num_tokens].clone())
                 mine[layer] = buffer.new_empty((0,))
         self.num_tokens = 0
         return KVRun(keys, values)
@@ -304,6 +314,8 @@ class _Plan:
     groups: list[_Group]
     masks: list[torch.Tensor | None]  # per row: causal mask over its buffer when it feeds > 1 token
     depth: int  # most runs any row reads (partial results per query: depth + 1)
+    outs: torch.Tensor | None = None  # [depth + 1, H_kv, G, N, D] partial outputs, reused by every layer
+    lses: torch.Tensor | None = None  # [depth + 1, H_kv, G, N] their log-sum-exps (-inf where no segment)
 
 
 class SegmentedForward:
@@ -356,7 +368,12 @@ class SegmentedForward:
             if len(group.spans) > 1:
                 group.index = torch.cat([torch.arange(a, b) for a, b in group.spans]).to(self.device)
         depth = max((len(row.runs) for row in rows), default=0)
-        return _Plan(rows, spans, list(groups.values()), masks, depth)
+        plan = _Plan(rows, spans, list(groups.values()), masks, depth)
+        if depth:  # every layer writes the same positions, so the -inf left elsewhere holds for all
+            shape = (depth + 1, self.kv_heads, self.groups_per_kv_head, start)
+            plan.outs = torch.zeros((*shape, self.head_dim), device=self.device, dtype=self.model.dtype)
+            plan.lses = torch.full(shape, float("-inf"), device=self.device, dtype=torch.float32)
+        return plan
 
     def _causal_mask(self, held: int, n: int) -> torch.Tensor:
         """Additive mask [1, 1, G*n, held+n]: new token i sees the buffer up to its own position."""
@@ -367,44 +384,41 @@ class SegmentedForward:
     def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, plan: _Plan) -> torch.Tensor:
         """Attention for one layer: query [1, H, N, D], new key/value [1, H_kv, N, D] -> [1, N, H, D]."""
         _, heads, total, dim = query.shape
-        kv_heads, groups = self.kv_heads, self.groups_per_kv_head
-        q = query[0].view(kv_heads, groups, total, dim)
-        for row, (a, b) in zip(plan.rows, plan.spans, strict=True):  # write the new positions first
-            held, n = row.buffer.num_tokens, b - a
-            row.buffer.keys[layer][:, held : held + n].copy_(key[0, :, a:b])
-            row.buffer.values[layer][:, held : held + n].copy_(value[0, :, a:b])
-        merged = plan.depth > 0
-        if merged:
-            outs = query.new_zeros((plan.depth + 1, kv_heads, groups, total, dim))
-            lses = query.new_full((plan.depth + 1, kv_heads, groups, total), float("-inf"))
-        else:
-            outs, lses = query.new_empty((1, kv_heads, groups, total, dim)), None
-        for group in plan.groups:
+        q = query[0].view(self.kv_heads, self.groups_per_kv_head, total, dim)
+        self._write_new_positions(layer, key[0], value[0], plan)
+        if not plan.depth:  # no shared runs: each row's own buffer is all there is
+            out = query.new_empty((self.kv_heads, self.groups_per_kv_head, total, dim))
+            for row, (a, b), mask in zip(plan.rows, plan.spans, plan.masks, strict=True):
+                out[:, :, a:b] = self._kernel(q[:, :, a:b], *row.buffer.filled(layer, b - a), mask)[0]
+            return out.reshape(heads, total, dim).transpose(0, 1).unsqueeze(0)
+        outs, lses = plan.outs, plan.lses
+        assert outs is not None and lses is not None
+        for group in plan.groups:  # each shared run once, for every row that reads it
             keys, values = group.run.keys[layer], group.run.values[layer]
             if group.index is None:
                 a, b = group.spans[0]
-                o, lse = self._kernel(q[:, :, a:b], keys, values, None)
-                outs[group.depth, :, :, a:b], lses[group.depth, :, :, a:b] = o, lse
+                outs[group.depth, :, :, a:b], lses[group.depth, :, :, a:b] = self._kernel(q[:, :, a:b], keys, values)
             else:
-                o, lse = self._kernel(q.index_select(2, group.index), keys, values, None)
+                o, lse = self._kernel(q.index_select(2, group.index), keys, values)
                 outs[group.depth].index_copy_(2, group.index, o)
                 lses[group.depth].index_copy_(2, group.index, lse)
         for row, (a, b), mask in zip(plan.rows, plan.spans, plan.masks, strict=True):
-            held = row.buffer.num_tokens + (b - a)
-            o, lse = self._kernel(q[:, :, a:b], row.buffer.keys[layer][:, :held], row.buffer.values[layer][:, :held], mask)
-            outs[-1, :, :, a:b] = o
-            if merged:
-                lses[-1, :, :, a:b] = lse
-        if merged:  # softmax over all segments at once: weight each segment's output by exp(lse - max)
-            top = lses.max(dim=0).values
-            weights = torch.exp(lses - top).unsqueeze(-1)
-            out = (outs * weights).sum(dim=0) / weights.sum(dim=0)
-        else:
-            out = outs[0]
+            outs[-1, :, :, a:b], lses[-1, :, :, a:b] = self._kernel(q[:, :, a:b], *row.buffer.filled(layer, b - a), mask)
+        weights = torch.softmax(lses, dim=0).unsqueeze(-1).to(outs.dtype)  # each segment's share of the softmax
+        out = (outs * weights).sum(dim=0)
         return out.reshape(heads, total, dim).transpose(0, 1).unsqueeze(0)
 
+    def _write_new_positions(self, layer: int, key: torch.Tensor, value: torch.Tensor, plan: _Plan) -> None:
+        """The new positions' K/V go to each row's buffer (one batched copy for all rows)."""
+        targets, sources = [], []
+        for row, (a, b) in zip(plan.rows, plan.spans, strict=True):
+            held = row.buffer.num_tokens
+            targets += [row.buffer.keys[layer][:, held : held + b - a], row.buffer.values[layer][:, held : held + b - a]]
+            sources += [key[:, a:b], value[:, a:b]]
+        torch._foreach_copy_(targets, sources)
+
     def _kernel(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention of q [H_kv, G, n, D] over k/v [H_kv, T, D]: output [H_kv, G, n, D] and the
         log-sum-exp of the scores [H_kv, G, n]. The G query heads of one KV head are folded into

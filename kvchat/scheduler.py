@@ -14,6 +14,11 @@ Each step:
 
 A system prompt nobody has cached yet is prefilled alone into an exact-size buffer and published as
 a shared node the moment it is complete, so requests behind it with the same prompt reuse it.
+
+Shared runs are read in place (cascade attention, see `kv_storage`) when they are long. When all a
+request reads by reference is shorter than `CASCADE_MIN_TOKENS`, it copies them to the front of its
+own buffer instead (`inline`): a few MiB at most, and its attention is then one plain call, which
+is faster for a lone request (scripts/cascade.py measures both ways; vLLM has the same threshold).
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ from kvchat.usage import CacheSource, Usage
 
 log = logging.getLogger(__name__)
 
+CASCADE_MIN_TOKENS = 256  # shared runs shorter than this are copied into the request's buffer
+
 
 @dataclass(eq=False)
 class Request:
@@ -48,7 +55,9 @@ class Request:
     usage: Usage
     arrived: float  # perf_counter at arrival
     # set when admitted
-    nodes: list[Node[KVRun]] = field(default_factory=list)  # cached runs read by reference (pinned)
+    nodes: list[Node[KVRun]] = field(default_factory=list)  # cached runs it builds on (pinned)
+    inline: bool = False  # `nodes` are copied to the front of `buffer` instead of read in place
+    inline_tokens: int = 0  # how many leading buffer positions are that copy
     buffer: RowBuffer | None = None  # private KV: uncached prompt tail, then the reply
     buffer_ids: list[int] = field(default_factory=list)  # ids whose KV `buffer` holds
     publish: RowBuffer | None = None  # an uncached system prompt, published when complete
@@ -67,9 +76,11 @@ class Request:
         return self.fed < len(self.prompt.token_ids)
 
     def row(self, token_ids: list[int]) -> Row:
-        buffer = self.publish if self.publish is not None else self.buffer
-        assert buffer is not None
-        return Row([node.payload for node in self.nodes], buffer, token_ids)  # type: ignore[misc]
+        if self.publish is not None:
+            return Row([node.payload for node in self.nodes], self.publish, token_ids)  # type: ignore[misc]
+        assert self.buffer is not None
+        runs = [] if self.inline else [node.payload for node in self.nodes]
+        return Row(runs, self.buffer, token_ids)  # type: ignore[misc]
 
 
 Finisher = Callable[[Request, BaseException | None], None]
@@ -111,8 +122,7 @@ class Scheduler:
         with self._wake:
             if self._closing:
                 raise RuntimeError("the engine is closed")
-            request.usage.queued_behind = len(self._waiting) + sum(r.prefilling for r in self._running)
-            request.generation.ahead = len(self._waiting)
+            request.usage.queued_behind = request.generation.ahead = len(self._waiting)
             self._waiting.append(request)
             self._wake.notify()
 
@@ -186,7 +196,14 @@ class Scheduler:
                 request = self._waiting[0]
             if any(r.publish is not None for r in self._running):
                 return  # a system prompt is being computed: whoever is next may want it
-            if not self._try_admit(request):
+            try:
+                admitted = self._try_admit(request)
+            except Exception as err:  # e.g. out of memory allocating its buffer: fail it, not the loop
+                with self._wake:
+                    self._waiting.popleft()
+                self._finish(request, "error", GenerationError(f"could not start: {err}", request.usage))
+                continue
+            if not admitted:
                 return
             with self._wake:
                 self._waiting.popleft()
@@ -204,12 +221,13 @@ class Scheduler:
         match = self.tree.match(request.scope, owners, ids, len(ids) - 1)
         if self._split_shared(match, owner):
             match = self.tree.match(request.scope, owners, ids, len(ids) - 1)
-        plan = self._plan(request, match, owner, detach=True)
-        if plan is None:
-            plan = self._plan(request, match, owner, detach=False)
-        if plan is None:
+        for detach, inline in ((True, True), (True, False), (False, False)):  # cheapest to run first
+            plan = self._plan(request, match, owner, detach, inline)
+            if plan is not None:
+                break
+        else:
             return False
-        nodes, detached, publish_tokens, buffer_tokens, evicted = plan
+        nodes, detached, publish_tokens, buffer_tokens, evicted, inline = plan
         request.evictions += evicted
         self.tree.touch(nodes)
         self.tree.pin(nodes)
@@ -220,6 +238,9 @@ class Scheduler:
         request.buffer = self.new_buffer(buffer_tokens)
         request.reserved_bytes = request.buffer.nbytes + (request.publish.nbytes if request.publish else 0)
         self.tree.reserve(request.reserved_bytes)
+        request.inline = inline
+        if inline and not publish_tokens:
+            self._copy_inline(request)
         for node, num_tokens in detached:  # move private turns into the buffer, then free them
             request.buffer.append_run(node.payload, num_tokens)  # type: ignore[arg-type]
             request.buffer_ids += node.token_ids[:num_tokens]
@@ -241,7 +262,9 @@ class Scheduler:
         node = match.partial
         if node is None or node.pins or _detachable(node, owner, []):
             return False
-        if self.tree.make_room(node.nbytes, keep=[*match.nodes, node]) is None:
+        length, at = len(node.token_ids), match.partial_tokens
+        copied_nbytes = -(-node.nbytes * min(at, length - at) // length)  # the smaller side is copied
+        if self.tree.make_room(copied_nbytes, keep=[*match.nodes, node]) is None:
             return False
 
         def halves(run: KVRun) -> tuple[KVRun, int, KVRun, int]:
@@ -251,11 +274,19 @@ class Scheduler:
         self.tree.split(node, match.partial_tokens, halves)
         return True
 
+    def _copy_inline(self, request: Request) -> None:
+        """Copy the runs the request builds on to the front of its (still empty) buffer."""
+        assert request.buffer is not None and request.buffer.num_tokens == 0
+        for node in request.nodes:
+            request.buffer.append_run(node.payload, len(node.token_ids))  # type: ignore[arg-type]
+        request.inline_tokens = request.buffer.num_tokens
+
     def _plan(
-        self, request: Request, match: Match[KVRun], owner: str, detach: bool
-    ) -> tuple[list[Node[KVRun]], list[tuple[Node[KVRun], int]], int, int, list[Eviction]] | None:
-        """Which matched nodes to read by reference, which private ones to move into the buffer,
-        and the buffers to allocate; None when the bytes cannot be found now."""
+        self, request: Request, match: Match[KVRun], owner: str, detach: bool, inline: bool
+    ) -> tuple[list[Node[KVRun]], list[tuple[Node[KVRun], int]], int, int, list[Eviction], bool] | None:
+        """Which matched nodes to build on, which private ones to move into the buffer, whether to
+        copy short shared runs into it too, and the buffers to allocate; None when the bytes
+        cannot be found now."""
         ids, prefix_len = request.prompt.token_ids, request.prompt.prefix_len
         nodes = list(match.nodes)
         whole = [(node, len(node.token_ids)) for node in nodes]
@@ -273,13 +304,16 @@ class Scheduler:
         publish_tokens = max(0, prefix_len - held) if not detached else 0
         end = min(len(ids) + request.params.max_new_tokens, self.context_tokens)
         buffer_tokens = end - held - publish_tokens
+        inline = inline and 0 < held + publish_tokens < CASCADE_MIN_TOKENS
+        if inline:
+            buffer_tokens += held + publish_tokens
         need = (publish_tokens + buffer_tokens) * self.bytes_per_token
         keep = nodes + [node for node, _ in detached]
         evicted = self.tree.make_room(need, keep=keep)
         if evicted is None:
             return None
         assert detached_tokens <= buffer_tokens
-        return nodes, detached, publish_tokens, buffer_tokens, evicted
+        return nodes, detached, publish_tokens, buffer_tokens, evicted, inline
 
     # --- one forward ---
     def _compose(self) -> list[tuple[Request, list[int]]]:
@@ -335,6 +369,8 @@ class Scheduler:
         request.nodes.append(node)
         request.reserved_bytes -= buffer.nbytes
         request.publish = None
+        if request.inline:
+            self._copy_inline(request)
 
     def _sample(self, request: Request, logits: torch.Tensor) -> None:
         usage, params = request.usage, request.params
@@ -388,7 +424,7 @@ class Scheduler:
             request.usage.not_admitted += 1
             return
         request.evictions += evicted
-        run = buffer.take_run(n)
+        run = buffer.take_run(n, start=request.inline_tokens)
         self.tree.release(request.reserved_bytes)
         request.reserved_bytes = 0
         parent = request.nodes[-1] if request.nodes else None

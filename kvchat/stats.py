@@ -44,7 +44,7 @@ def badge_detail(usage: Usage) -> str:
         f"{usage.new_tokens} new tokens in {usage.total_ms / 1000:.2f} s{waited}{batch}; finish: "
         f"{usage.finish_reason}; cache now holds {format_bytes(usage.cache_bytes)}"
         + (f"; evicted {usage.evictions} entr{'y' if usage.evictions == 1 else 'ies'}" if usage.evictions else "")
-        + ("; too big for the cache budget, so not kept" if usage.not_admitted else "")
+        + ("; no room left in the cache budget, so its turns were not kept" if usage.not_admitted else "")
     )
 
 
@@ -70,7 +70,7 @@ def panel_markdown(stats: CacheStats, summary: UsageSummary | None, log_warning:
         f"- **Cached runs:** {prefixes} shared prefix(es), {sessions} session turn(s), {stateless} stateless turn(s)"
         + (f"; the most shared prefix serves {widest.sessions} session(s)" if widest else ""),
         f"- **Evictions so far:** {stats.evictions:,}"
-        + (f" · **not admitted** (bigger than the budget allows): {stats.not_admitted:,}" if stats.not_admitted else ""),
+        + (f" · **turns not kept** (no room beside running requests): {stats.not_admitted:,}" if stats.not_admitted else ""),
     ]
     lines.append("### History (usage log)")
     if summary is None:

@@ -8,7 +8,6 @@ import time
 import pytest
 import sqlite_utils
 from gradio_client import Client
-from gradio_client.utils import Status
 
 import app
 from kvchat import Engine

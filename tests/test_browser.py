@@ -130,3 +130,32 @@ def test_stats_panel_shows_numbers_and_plots(page):
         page.get_by_text(title, exact=True).first.wait_for()
     page.wait_for_function("document.querySelectorAll('.vega-embed svg').length >= 3", timeout=30_000)
     assert page.locator("table").get_by_text("session", exact=True).count() >= 1  # this tab's cache
+
+
+def test_two_tabs_stream_at_the_same_time(app, browser):
+    """Two visitors send together: both replies grow during the same interval (served in one batch,
+    not one after the other)."""
+    pages = [browser.new_page(viewport={"width": 1300, "height": 1000}) for _ in range(2)]
+    try:
+        for page in pages:
+            page.goto(app[0])
+            page.get_by_text("✅").first.wait_for(timeout=180_000)
+            set_max_tokens(page, 60)
+            page.evaluate("""() => {  // when the last reply's text changes: wall-clock time in ms
+                window.changes = [];
+                new MutationObserver(() => {
+                    const replies = document.querySelectorAll('.bot.message');
+                    if (replies.length && replies[replies.length - 1].innerText.length)
+                        window.changes.push(performance.timeOrigin + performance.now());
+                }).observe(document.body, {subtree: true, childList: true, characterData: true});
+            }""")
+        for page, topic in zip(pages, ("the sea", "the mountains")):
+            send(page, f"Write a short poem about {topic}.")
+        for page in pages:
+            badges(page).first.wait_for(timeout=180_000)
+        spans = [(min(c), max(c)) for c in (page.evaluate("window.changes") for page in pages)]
+        overlap_ms = min(end for _, end in spans) - max(start for start, _ in spans)
+        assert overlap_ms > 1_000, f"the replies did not stream at the same time: {spans}"
+    finally:
+        for page in pages:
+            page.close()

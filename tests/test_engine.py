@@ -203,7 +203,9 @@ def test_bad_input_raises_a_clear_input_error_and_nothing_changes(tiny_engine, m
 
 def test_end_session_frees_its_bytes_but_keeps_the_shared_prefix(tiny_engine):
     tiny_engine.chat("alice", [SYSTEM, user("Hi")], max_new_tokens=NEW)
+    assert tiny_engine.has_session("alice")
     assert tiny_engine.end_session("alice")
+    assert not tiny_engine.has_session("alice")
     kinds = [e.kind for e in tiny_engine.stats().entries]
     assert kinds == ["prefix"]
 

@@ -102,8 +102,8 @@ def run(loaded: LoadedModel, plan: Plan, peers: list[str], quick: bool, budget_b
     others = 1 + len(peer_systems)
     shared = plan.shared_colds * (1 + plan.shared_warm) + (1 + plan.shared_warm) * others
     long = plan.long_repeats * len(plan.long_lengths) * 2
-    cb = any(isinstance(p, systems.ContinuousBatching) for p in peer_systems)
-    crowds = sum(plan.visitor_counts) * (2 + cb) + max(plan.visitor_counts, default=0) + plan.capacity_sessions * 2
+    cb = next((p for p in peer_systems if isinstance(p, systems.ContinuousBatching)), None)
+    crowds = sum(plan.visitor_counts) * (2 + (cb is not None)) + max(plan.visitor_counts, default=0) + plan.capacity_sessions * 2
     planned = (len(plan.points) * (1 + 2 * plan.follow_ups + plan.recompute_repeats * others + len(peer_systems))
                + shared + 10 + plan.pressure_sessions * 2 + plan.pressure_exact + plan.decode_repeats * 2 + long
                + crowds)  # fmt: skip

@@ -2,7 +2,8 @@
 
 `visitors`: n sessions (1, 2, 4, 8, 16) open on the FAQ preset (cached beforehand) and ask their own
 question. The same requests are served one after another (each then alone and warm), then all at
-once (threads released together), then by transformers' continuous batching in one batch. Times
+once (threads released together), then by transformers' continuous batching, submitted together to
+its persistent manager (the preset cached there too). Times
 are taken by the caller's threads (arrival to first piece), not by kvchat. Every batched greedy
 reply is compared with its solo twin; for each difference, the model itself (plain forward, no
 cache) gives the gap between its top two logits at the first differing step.
@@ -21,9 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import GenerationConfig
 
-from kvchat.bench.systems import Kvchat, Messages
+from kvchat.bench.systems import ContinuousBatching, Kvchat, Messages
 from kvchat.bench.workloads import QUESTIONS, Bench, Row
 from kvchat.engine import Engine
 from kvchat.presets import load_presets
@@ -98,18 +98,6 @@ def _together(engine: Engine, tag: str, conversations: list[Messages]) -> tuple[
     return time.perf_counter() - begun, results  # type: ignore[return-value]
 
 
-def _cb_batch(engine: Engine, conversations: list[Messages]) -> tuple[float, int]:
-    """transformers' continuous batching on the same prompts, all submitted at once."""
-    ids = [engine.encode(m).token_ids for m in conversations]
-    config = GenerationConfig(max_new_tokens=VISITOR_NEW_TOKENS, do_sample=False,
-                              eos_token_id=sorted(engine.eos_ids), pad_token_id=2)  # fmt: skip
-    started = time.perf_counter()
-    outputs = engine.loaded.model.generate_batch(inputs=ids, generation_config=config, progress_bar=False)
-    seconds = time.perf_counter() - started
-    tokens = sum(len([t for t in out.generated_tokens if t not in engine.eos_ids]) for out in outputs.values())
-    return seconds, tokens
-
-
 def first_difference(engine: Engine, messages: Messages, batched: list[int], solo: list[int]) -> dict[str, Any]:
     """Where two greedy replies part, and the model's own top-2 logit gap there (plain forward)."""
     step = next((i for i, (a, b) in enumerate(zip(batched, solo)) if a != b), min(len(batched), len(solo)))
@@ -122,11 +110,13 @@ def first_difference(engine: Engine, messages: Messages, batched: list[int], sol
             "plain_forward_top2": [int(i) for i in top.indices]}  # fmt: skip
 
 
-def visitors(bench: Bench, counts: tuple[int, ...], cb: bool) -> list[Crowd]:
+def visitors(bench: Bench, counts: tuple[int, ...], cb: ContinuousBatching | None) -> list[Crowd]:
     """Timed runs are unmetered (the meter's walk of the engine would slow every step); the bytes
     are sampled at every forward of one more, untimed run of the largest crowd."""
     engine = bench.engine
     engine.chat("crowd-warm", asks(1)[0], max_new_tokens=1)  # the preset is cached, as in the app
+    if cb is not None:
+        cb.at_once(asks(1), 1)  # and in transformers-cb's prefix cache
     crowds = []
     for n in counts:
         conversations = asks(n)
@@ -141,8 +131,8 @@ def visitors(bench: Bench, counts: tuple[int, ...], cb: bool) -> list[Crowd]:
             if b.token_ids != s.token_ids:
                 crowd.differences.append({"visitor": i, **first_difference(engine, conversations[i], b.token_ids,
                                                                            s.token_ids)})  # fmt: skip
-        if cb:
-            crowd.cb_s, crowd.cb_tokens = _cb_batch(engine, conversations)
+        if cb is not None:
+            crowd.cb_s, crowd.cb_tokens = cb.at_once(conversations, VISITOR_NEW_TOKENS)
             bench.tick(n)
         for b, s in zip(together, serial, strict=True):
             bench.rows.append(Row("visitors", "kvchat", f"{n} at once", b.ttft_ms, 0, None, new_tokens=b.new_tokens))

@@ -176,6 +176,21 @@ class ContinuousBatching:
         ttft_ms = (stamps[0] - started) * 1000 if stamps else (time.perf_counter() - started) * 1000
         return Turn(text, ttft_ms, len(ids), None, len(new), _decode_speed(stamps))
 
+    def at_once(self, conversations: list[Messages], max_new_tokens: int) -> tuple[float, int]:
+        """All conversations submitted together to the same persistent manager; (seconds, new tokens)."""
+        inputs = [self.engine.encode(m).token_ids for m in conversations]
+        config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False,
+                                  eos_token_id=sorted(self.engine.eos_ids), pad_token_id=2)  # fmt: skip
+        started = time.perf_counter()
+        outputs = self.model.generate_batch(inputs=inputs, generation_config=config, persistent_manager=True,
+                                            progress_bar=False)  # fmt: skip
+        seconds = time.perf_counter() - started
+        failed = [out.error for out in outputs.values() if getattr(out, "error", None)]
+        if failed or len(outputs) != len(inputs):
+            raise RuntimeError(f"transformers-cb failed {len(failed)} of {len(inputs)} requests: {failed[:1]}")
+        tokens = sum(len([t for t in out.generated_tokens if t not in self.engine.eos_ids]) for out in outputs.values())
+        return seconds, tokens
+
     def close(self) -> None:
         self.model.destroy_cached_continuous_batching_manager()
 

@@ -17,11 +17,26 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 
 
 def send(page: Page, text: str, replies: int) -> None:
+    ask(page, text)
+    # each finished reply ends with a badge ("⚡ … prompt tokens …")
+    page.get_by_text("prompt tokens").nth(replies - 1).wait_for(timeout=180_000)
+
+
+def ask(page: Page, text: str) -> None:
     box = page.get_by_test_id("textbox").first
     box.fill(text)
     box.press("Enter")
-    # each finished reply ends with a badge ("⚡ … prompt tokens …")
-    page.get_by_text("prompt tokens").nth(replies - 1).wait_for(timeout=180_000)
+
+
+def open_on_faq(page: Page, url: str) -> None:
+    page.goto(url)
+    page.get_by_text("✅").first.wait_for(timeout=300_000)  # model loaded
+    page.get_by_label("System prompt preset").click()
+    page.get_by_role("option", name="Acme cloud support faq (long)").click()
+    page.get_by_text("Generation settings").click()
+    tokens = page.get_by_label("number input for Max new tokens")
+    tokens.fill("40")
+    tokens.press("Tab")
 
 
 def main() -> None:
@@ -33,17 +48,14 @@ def main() -> None:
     out = Path(args.out)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=args.chromium, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.goto(args.url)
-        page.get_by_text("✅").first.wait_for(timeout=300_000)  # model loaded
-        page.get_by_label("System prompt preset").click()
-        page.get_by_role("option", name="Acme cloud support faq (long)").click()
-        page.get_by_text("Generation settings").click()
-        tokens = page.get_by_label("number input for Max new tokens")
-        tokens.fill("40")
-        tokens.press("Tab")
+        page, other = (browser.new_page(viewport={"width": 1400, "height": 1000}) for _ in range(2))
+        for tab in (page, other):  # two visitors on the FAQ preset
+            open_on_faq(tab, args.url)
         send(page, "How much does the Team plan cost?", 1)
-        send(page, "What happens if a card payment fails?", 2)
+        ask(page, "What happens if a card payment fails?")  # both tabs at once: served in one batch
+        ask(other, "Do you refund yearly plans?")
+        for tab, replies in ((page, 2), (other, 1)):
+            tab.get_by_text("prompt tokens").nth(replies - 1).wait_for(timeout=180_000)
         page.screenshot(path=out / "screenshot-chat.png", full_page=True)
         page.get_by_role("tab", name="Cache stats").click()
         page.get_by_text("Token hit rate").first.wait_for(timeout=30_000)

@@ -117,7 +117,8 @@ class Handlers:
         reply = text_message("assistant", "")
         try:
             while not generation.wait_admitted(QUEUE_POLL_S):  # the engine's queue: say where we are
-                reply["content"][0]["text"] = f"⏳ Queued, {generation.ahead} ahead…"
+                ahead = generation.ahead
+                reply["content"][0]["text"] = f"⏳ Queued, {ahead} ahead…" if ahead else "⏳ Queued, next in line…"
                 yield history + [reply], ""
             reply["content"][0]["text"] = ""
             for piece in generation:

@@ -95,7 +95,7 @@ class Engine:
             tree=self._tree,
             new_buffer=lambda tokens: RowBuffer(loaded.model, tokens, loaded.device, loaded.dtype),
             bytes_per_token=self.bytes_per_token,
-            encode_piece=lambda: TextStream(self._template),
+            new_text=lambda: TextStream(self._template),
             eos_ids=self._eos_ids,
             context_tokens=self.context_tokens,
             on_finish=self._finish,

@@ -38,7 +38,7 @@ from kvchat.generation import Generation
 from kvchat.kv_storage import KVRun, Row, RowBuffer, SegmentedForward
 from kvchat.kv_tree import SHARED, STATELESS, Eviction, KVTree, Match, Node, owner_of, owners_for
 from kvchat.sampling import SamplingParams, next_token
-from kvchat.usage import CacheSource, Usage
+from kvchat.usage import CacheSource, FinishReason, Usage
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class Scheduler:
         tree: KVTree[KVRun],
         new_buffer: Callable[[int], RowBuffer],
         bytes_per_token: int,
-        encode_piece: Callable[[], TextStream],
+        new_text: Callable[[], TextStream],
         eos_ids: frozenset[int],
         context_tokens: int,
         on_finish: Finisher,
@@ -104,7 +104,7 @@ class Scheduler:
         self.tree = tree
         self.new_buffer = new_buffer
         self.bytes_per_token = bytes_per_token
-        self.new_text = encode_piece
+        self.new_text = new_text
         self.eos_ids = eos_ids
         self.context_tokens = context_tokens
         self.on_finish = on_finish
@@ -393,9 +393,9 @@ class Scheduler:
         request.pending = [token]
 
     # --- the end of a request ---
-    def _finish(self, request: Request, reason: str, error: BaseException | None = None) -> None:
+    def _finish(self, request: Request, reason: FinishReason, error: BaseException | None = None) -> None:
         usage = request.usage
-        usage.finish_reason = reason  # type: ignore[assignment]
+        usage.finish_reason = reason
         if request.text is not None and (piece := request.text.flush()):
             request.generation.emit(piece)
         if usage.new_tokens > 1 and request.first_token_at:

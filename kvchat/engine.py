@@ -33,6 +33,7 @@ from kvchat.usage_log import UsageLog, UsageSummary
 
 MIB = 1024 * 1024
 
+
 @dataclass(frozen=True, slots=True)
 class CacheStats:
     budget_bytes: int

@@ -7,7 +7,7 @@ themselves, so a hash collision can never serve the wrong KV.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import NewType
 
 import xxhash
@@ -31,12 +31,3 @@ def scope_key(model: Fingerprint, salt: str = "") -> str:
     digest.update(b"\x00")
     digest.update(salt.encode("utf-8"))
     return "scope:" + digest.hexdigest()
-
-
-def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
-    """Number of leading token ids the two sequences share."""
-    limit = min(len(a), len(b))
-    for i in range(limit):
-        if a[i] != b[i]:
-            return i
-    return limit

@@ -199,7 +199,8 @@ def kv_shape(model: PreTrainedModel) -> tuple[int, int, int]:
 
 
 class KVRun:
-    """Keys and values of a run of consecutive tokens, exactly sized: per layer [kv_heads, n, head_dim]."""
+    """Keys and values of a run of consecutive tokens, per layer [kv_heads, n, head_dim]: exact-size,
+    except the larger side of a split, a view whose whole storage `nbytes` counts."""
 
     __slots__ = ("keys", "values")
 

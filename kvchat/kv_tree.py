@@ -39,12 +39,13 @@ NodeKind = Literal["prefix", "stateless", "session"]
 
 def owners_for(session_id: str | None) -> tuple[str, ...]:
     """Whose nodes a request may read: system prompts, and its session's turns (or the stateless ones)."""
-    return (SHARED, STATELESS) if session_id is None else (SHARED, session_id)
+    return (SHARED, owner_of(session_id))
 
 
 def owner_of(session_id: str | None) -> str:
-    """Who owns the turns a request adds."""
-    return STATELESS if session_id is None else session_id
+    """Who owns the turns a request adds. Session ids are namespaced, so no session id can name
+    the shared or the stateless owner."""
+    return STATELESS if session_id is None else f"session:{session_id}"
 
 
 @dataclass(eq=False, slots=True)

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from kvchat.kv_tree import SHARED, STATELESS, KVTree, owners_for
+from kvchat.kv_tree import SHARED, STATELESS, KVTree, owner_of, owners_for
 
 
 def tree(budget=1_000, clock=None):
@@ -15,7 +15,7 @@ def tree(budget=1_000, clock=None):
 def test_match_walks_whole_nodes_and_reports_a_partial_one():
     t = tree()
     system = t.insert("s", SHARED, None, [1, 2, 3], "sys", 30)
-    turn = t.insert("s", "alice", system, [4, 5, 6], "turn", 30)
+    turn = t.insert("s", owner_of("alice"), system, [4, 5, 6], "turn", 30)
     match = t.match("s", owners_for("alice"), [1, 2, 3, 4, 5, 9], limit=6)
     assert match.nodes == [system] and match.num_tokens == 3
     assert (match.partial, match.partial_tokens) == (turn, 2)
@@ -26,7 +26,7 @@ def test_match_walks_whole_nodes_and_reports_a_partial_one():
 def test_owners_and_scopes_decide_who_reads_what():
     t = tree()
     system = t.insert("s", SHARED, None, [1, 2], "sys", 20)
-    t.insert("s", "alice", system, [3, 4], "alice's turn", 20)
+    t.insert("s", owner_of("alice"), system, [3, 4], "alice's turn", 20)
     t.insert("s", STATELESS, system, [3, 4], "an API client's turn", 20)
     assert t.match("s", owners_for("alice"), [1, 2, 3, 4, 5], 5).nodes[-1].payload == "alice's turn"
     assert t.match("s", owners_for("bob"), [1, 2, 3, 4, 5], 5).num_tokens == 2  # only the system prompt
@@ -44,8 +44,8 @@ def test_an_identical_run_is_stored_once():
 def test_eviction_takes_least_recently_used_unpinned_leaves_first():
     t = tree(budget=100)
     system = t.insert("s", SHARED, None, [1], "sys", 40)
-    old = t.insert("s", "alice", system, [2], "old", 20)
-    new = t.insert("s", "bob", system, [3], "new", 20)
+    old = t.insert("s", owner_of("alice"), system, [2], "old", 20)
+    new = t.insert("s", owner_of("bob"), system, [3], "new", 20)
     t.touch([old])  # alice's turn is now more recent than bob's
     evicted = t.make_room(30)
     assert [e.key for e in evicted] == [f"session:{id(new) & 0xFFFFFF:06x}"]
@@ -61,7 +61,7 @@ def test_a_parent_is_evicted_only_after_its_children():
     t = tree(budget=100)
     system = t.insert("s", SHARED, None, [1], "sys", 50)
     t.touch([system])
-    t.insert("s", "alice", system, [2], "turn", 50)  # newer than the system prompt, yet its child
+    t.insert("s", owner_of("alice"), system, [2], "turn", 50)  # newer than the system prompt, yet its child
     evicted = t.make_room(60)
     assert [e.key.split(":")[0] for e in evicted] == ["session", "prefix"]
 
@@ -81,7 +81,7 @@ def test_running_reservations_count_against_the_budget():
 def test_split_keeps_the_children_under_the_tail():
     t = tree()
     node = t.insert("s", SHARED, None, [1, 2, 3, 4], "abcd", 40)
-    child = t.insert("s", "alice", node, [5], "e", 10)
+    child = t.insert("s", owner_of("alice"), node, [5], "e", 10)
     head = t.split(node, 2, lambda payload: (payload[:2], 20, payload[2:], 20))
     match = t.match("s", owners_for("alice"), [1, 2, 3, 4, 5, 6], 6)
     assert [n.payload for n in match.nodes] == ["ab", "cd", "e"] and match.nodes[0] is head
@@ -91,19 +91,19 @@ def test_split_keeps_the_children_under_the_tail():
 def test_drop_owner_removes_only_that_sessions_unpinned_turns():
     t = tree()
     system = t.insert("s", SHARED, None, [1], "sys", 10)
-    first = t.insert("s", "alice", system, [2], "a1", 10)
-    t.insert("s", "alice", first, [3], "a2", 10)
-    t.insert("s", "bob", system, [2], "b1", 10)
-    assert t.drop_owner("alice") == 2
+    first = t.insert("s", owner_of("alice"), system, [2], "a1", 10)
+    t.insert("s", owner_of("alice"), first, [3], "a2", 10)
+    t.insert("s", owner_of("bob"), system, [2], "b1", 10)
+    assert t.drop_owner(owner_of("alice")) == 2
     assert {info.kind for info in t.entries()} == {"prefix", "session"} and t.node_bytes == 20
-    assert not t.has_owner("alice") and t.has_owner("bob")
+    assert not t.has_owner(owner_of("alice")) and t.has_owner(owner_of("bob"))
 
 
 def test_entries_count_the_sessions_under_each_prefix():
     t = tree()
     system = t.insert("s", SHARED, None, [1], "sys", 10)
     for name in ("alice", "bob", "carol"):
-        t.insert("s", name, system, [2], name, 10)
+        t.insert("s", owner_of(name), system, [2], name, 10)
     t.insert("s", STATELESS, system, [3], "api", 10)
     prefix = next(info for info in t.entries() if info.kind == "prefix")
     assert prefix.sessions == 4 and prefix.depth_tokens == 1
@@ -120,7 +120,7 @@ def test_random_operations_never_exceed_the_budget_or_evict_a_pinned_node():
             parent = match.nodes[-1] if match.nodes else None
             size = rng.randrange(1, 300)
             if t.make_room(size, keep=match.nodes) is not None:  # the parent must survive
-                t.insert("s", "x", parent, [rng.randrange(4)], step, size)
+                t.insert("s", owner_of("x"), parent, [rng.randrange(4)], step, size)
         elif action < 0.7 and len(pinned) < 3:
             nodes = [n for n in t._walk()]
             if nodes:
@@ -145,7 +145,12 @@ def test_inserting_under_an_evicted_node_is_refused():
     system = t.insert("s", SHARED, None, [1], "sys", 60)
     t.make_room(60)
     with pytest.raises(ValueError, match="left the tree"):
-        t.insert("s", "alice", system, [2], "turn", 10)
+        t.insert("s", owner_of("alice"), system, [2], "turn", 10)
+
+
+def test_no_session_id_can_name_the_shared_or_stateless_owner():
+    assert owner_of("") != SHARED and owner_of(STATELESS) != STATELESS
+    assert owners_for(None) == (SHARED, STATELESS)
 
 
 def test_bad_budget_is_refused():

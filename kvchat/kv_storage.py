@@ -257,15 +257,11 @@ class RowBuffer:
             mine[:, self.num_tokens : end].copy_(theirs[:, :num_tokens])
         self.num_tokens = end
 
-    def to_run(self, num_tokens: int | None = None) -> KVRun:
-        """An exact-size copy of the first `num_tokens` positions (all by default)."""
-        n = self.num_tokens if num_tokens is None else num_tokens
-        return KVRun([k[:, :n].clone() for k in self.keys], [v[:, :n].clone() for v in self.values])
-
-    def take_run(self, num_tokens: int, start: int = 0) -> KVRun:
-        """Turn `num_tokens` positions from `start` into an exact-size run, one tensor at a time,
-        freeing each buffer tensor as soon as it is copied: at most `transient_nbytes` are ever
-        held twice. The buffer is empty afterwards."""
+    def take_run(self, num_tokens: int | None = None, start: int = 0) -> KVRun:
+        """Turn `num_tokens` positions (all it holds by default) from `start` into an exact-size
+        run, one tensor at a time, freeing each buffer tensor as soon as it is copied: at most
+        `transient_nbytes` are ever held twice. The buffer is empty afterwards."""
+        num_tokens = self.num_tokens - start if num_tokens is None else num_tokens
         keys, values = [], []
         for mine, theirs in ((self.keys, keys), (self.values, values)):
             for layer, buffer in enumerate(mine):

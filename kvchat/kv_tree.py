@@ -266,13 +266,6 @@ class KVTree(Generic[P]):
                     removed += 1
             return removed
 
-    def clear(self) -> None:
-        """Forget every idle node (used at shutdown; running reservations stay counted)."""
-        with self._lock:
-            for node in sorted(self._walk(), key=lambda n: n.depth_tokens, reverse=True):
-                if not node.children and not node.pins:
-                    self._unlink(node)
-
     # --- inside ---
     def _walk(self) -> Iterator[Node[P]]:
         stack = [child for root in self._roots.values() for child in root.children]

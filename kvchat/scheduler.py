@@ -83,6 +83,22 @@ class Request:
         return Row(runs, self.buffer, token_ids)  # type: ignore[misc]
 
 
+@dataclass(slots=True)
+class _Layout:
+    """Where an admitted request's KV comes from and goes: what `_plan` decided."""
+
+    nodes: list[Node[KVRun]]  # whole cached runs it builds on (pinned while it runs)
+    detached: list[tuple[Node[KVRun], int]]  # its own private runs (and how much of each) to move in
+    publish_tokens: int  # an uncached system prompt's length, computed into its own buffer
+    buffer_tokens: int  # its private buffer's capacity
+    inline: bool  # `nodes` are copied to the front of the buffer
+    evicted: list[Eviction]  # what making room for it evicted
+
+    @property
+    def held_tokens(self) -> int:
+        return sum(len(node.token_ids) for node in self.nodes)
+
+
 Finisher = Callable[[Request, BaseException | None], None]
 
 
@@ -222,34 +238,32 @@ class Scheduler:
         if self._split_shared(match, owner):
             match = self.tree.match(request.scope, owners, ids, len(ids) - 1)
         for detach, inline in ((True, True), (True, False), (False, False)):  # cheapest to run first
-            plan = self._plan(request, match, owner, detach, inline)
-            if plan is not None:
+            layout = self._plan(request, match, owner, detach, inline)
+            if layout is not None:
                 break
         else:
             return False
-        nodes, detached, publish_tokens, buffer_tokens, evicted, inline = plan
-        request.evictions += evicted
-        self.tree.touch(nodes)
-        self.tree.pin(nodes)
-        request.nodes = nodes
-        held = sum(len(node.token_ids) for node in nodes)
-        if publish_tokens:
-            request.publish = self.new_buffer(publish_tokens)
-        request.buffer = self.new_buffer(buffer_tokens)
+        request.evictions += layout.evicted
+        self.tree.touch(layout.nodes)
+        self.tree.pin(layout.nodes)
+        request.nodes = layout.nodes
+        if layout.publish_tokens:
+            request.publish = self.new_buffer(layout.publish_tokens)
+        request.buffer = self.new_buffer(layout.buffer_tokens)
         request.reserved_bytes = request.buffer.nbytes + (request.publish.nbytes if request.publish else 0)
         self.tree.reserve(request.reserved_bytes)
-        request.inline = inline
-        if inline and not publish_tokens:
+        request.inline = layout.inline
+        if layout.inline and not layout.publish_tokens:
             self._copy_inline(request)
-        for node, num_tokens in detached:  # move private turns into the buffer, then free them
+        for node, num_tokens in layout.detached:  # move private turns into the buffer, then free them
             request.buffer.append_run(node.payload, num_tokens)  # type: ignore[arg-type]
             request.buffer_ids += node.token_ids[:num_tokens]
-        for node, _ in reversed(detached):
+        for node, _ in reversed(layout.detached):
             self.tree.remove(node)
-        reused = held + len(request.buffer_ids)
+        reused = layout.held_tokens + len(request.buffer_ids)
         request.fed = reused
         request.usage.cached_tokens = reused
-        request.usage.cache_source = _source([n for n in nodes] + [n for n, _ in detached], owner)
+        request.usage.cache_source = _source([*layout.nodes, *(n for n, _ in layout.detached)], owner)
         request.text = self.new_text()
         seed = request.params.seed
         request.generator = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -268,10 +282,10 @@ class Scheduler:
             return False
 
         def halves(run: KVRun) -> tuple[KVRun, int, KVRun, int]:
-            head, tail = run.split(match.partial_tokens)
+            head, tail = run.split(at)
             return head, head.nbytes, tail, tail.nbytes
 
-        self.tree.split(node, match.partial_tokens, halves)
+        self.tree.split(node, at, halves)
         return True
 
     def _copy_inline(self, request: Request) -> None:
@@ -283,7 +297,7 @@ class Scheduler:
 
     def _plan(
         self, request: Request, match: Match[KVRun], owner: str, detach: bool, inline: bool
-    ) -> tuple[list[Node[KVRun]], list[tuple[Node[KVRun], int]], int, int, list[Eviction], bool] | None:
+    ) -> _Layout | None:
         """Which matched nodes to build on, which private ones to move into the buffer, whether to
         copy short shared runs into it too, and the buffers to allocate; None when the bytes
         cannot be found now."""
@@ -313,7 +327,7 @@ class Scheduler:
         if evicted is None:
             return None
         assert detached_tokens <= buffer_tokens
-        return nodes, detached, publish_tokens, buffer_tokens, evicted, inline
+        return _Layout(nodes, detached, publish_tokens, buffer_tokens, inline, evicted)
 
     # --- one forward ---
     def _compose(self) -> list[tuple[Request, list[int]]]:

@@ -7,16 +7,13 @@ types; every module that writes or reads them imports them from here.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Literal
 
 CacheSource = Literal["session", "stateless", "prefix", "none"]
 """Deepest cached run a request reused: its own session's turns, turns of stateless requests
 (no session) in its scope, a shared system prompt, or nothing."""
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
-
-CACHE_SOURCES: tuple[CacheSource, ...] = get_args(CacheSource)
-FINISH_REASONS: tuple[FinishReason, ...] = get_args(FinishReason)
 
 
 @dataclass(slots=True)

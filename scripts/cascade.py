@@ -50,7 +50,7 @@ def main() -> None:
     with torch.inference_mode():
         buffer = new(len(prefix))
         forward([kv_storage.Row([], buffer, prefix)])
-        shared = buffer.to_run()
+        shared = buffer.take_run()
         print(f"prefix {len(prefix)} tokens; per row {len(tail)} private tokens; median of {STEPS} decode steps")
         print("rows | shared: step ms, tok/s, KV MiB | copied: step ms, tok/s, KV MiB")
         for count in (1, 4, 8, 16):

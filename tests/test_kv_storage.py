@@ -51,7 +51,7 @@ def _prefill(loaded, forward, ids, capacity=None):
 def test_rows_reading_a_shared_run_get_the_logits_of_a_plain_forward(tiny_loaded):
     forward = kv_storage.SegmentedForward(tiny_loaded.model, tiny_loaded.device)
     prefix, tails = list(range(100, 160)), [list(range(200, 200 + n)) for n in (1, 5, 17)]
-    shared = _prefill(tiny_loaded, forward, prefix).to_run()
+    shared = _prefill(tiny_loaded, forward, prefix).take_run()
     rows = [kv_storage.Row([shared], kv_storage.RowBuffer(tiny_loaded.model, 40, tiny_loaded.device,
                                                            tiny_loaded.dtype), tail) for tail in tails]  # fmt: skip
     with torch.inference_mode():
@@ -85,7 +85,7 @@ def test_the_portable_kernel_equals_the_cpu_flash_kernel(tiny_loaded):
 def test_split_copies_the_smaller_side_and_counts_the_storage_it_keeps(tiny_loaded):
     forward = kv_storage.SegmentedForward(tiny_loaded.model, tiny_loaded.device)
     with torch.inference_mode():
-        run = _prefill(tiny_loaded, forward, list(range(100))).to_run()
+        run = _prefill(tiny_loaded, forward, list(range(100))).take_run()
     per_token = run.nbytes // 100
     head, tail = run.split(10)  # the 10-token head is copied; the tail is a view of the old storage
     assert (head.num_tokens, tail.num_tokens) == (10, 90)

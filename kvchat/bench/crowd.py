@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from kvchat.bench.report import p95
 from kvchat.bench.systems import ContinuousBatching, Kvchat, Messages
 from kvchat.bench.workloads import QUESTIONS, Bench, Row
 from kvchat.engine import Engine
@@ -175,17 +176,14 @@ def summary(crowds: list[Crowd]) -> dict[str, Any]:
     lone_p50 = statistics.median(lone) if lone else None
     table = []
     for c in crowds:
-        together = sorted(s.ttft_ms for s in c.together)
+        together = [s.ttft_ms for s in c.together]
         table.append({
             "visitors": c.n, "serial_tok_s": c.tokens_per_s("serial"), "together_tok_s": c.tokens_per_s("together"),
             "throughput_ratio": c.tokens_per_s("together") / c.tokens_per_s("serial"),
             "cb_tok_s": c.cb_tokens / c.cb_s if c.cb_s else None,
-            "ttft_p50_ms": statistics.median(together), "ttft_p95_ms": _p95(together),
+            "ttft_p50_ms": statistics.median(together), "ttft_p95_ms": p95(together),
             "mean_batch": statistics.mean(s.batch_size for s in c.together),
             "exact": f"{c.n - len(c.differences)}/{c.n}", "differences": c.differences,
         })  # fmt: skip
     return {"lone_warm_ttft_p50_ms": lone_p50, "table": table}
 
-
-def _p95(ordered: list[float]) -> float:
-    return ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]

@@ -27,7 +27,7 @@ def _median(values: Iterable[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
-def _p95(values: list[float]) -> float | None:
+def p95(values: list[float]) -> float | None:
     if not values:
         return None
     ordered = sorted(values)
@@ -123,7 +123,7 @@ def groups(rows: list[Row]) -> list[dict[str, Any]]:
         held = [r.max_held_bytes for r in group if r.max_held_bytes is not None]
         result.append({
             "workload": workload, "system": system, "point": point, "n": len(group),
-            "ttft_p50_ms": _median(times), "ttft_p95_ms": _p95(times),
+            "ttft_p50_ms": _median(times), "ttft_p95_ms": p95(times),
             "prompt_tokens": _median(r.prompt_tokens for r in group),
             "prefilled_tokens": _median(prefilled),
             "hit_ratio": (sum(r.prompt_tokens - r.prefilled_tokens for r in group) / sum(r.prompt_tokens for r in group))

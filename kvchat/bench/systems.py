@@ -165,12 +165,8 @@ class ContinuousBatching:
     def reply(self, session: str, messages: Messages, max_new_tokens: int) -> Turn:
         started = time.perf_counter()
         ids = self.engine.encode(messages).token_ids
-        config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False,
-                                  eos_token_id=sorted(self.engine.eos_ids), pad_token_id=2)  # fmt: skip
-        outputs = self.model.generate_batch(inputs=[ids], generation_config=config, record_timestamps=True,
-                                            persistent_manager=True, progress_bar=False)  # fmt: skip
-        out = next(iter(outputs.values()))
-        new = [t for t in out.generated_tokens if t not in self.engine.eos_ids]
+        (out,) = self._generate([ids], max_new_tokens, record_timestamps=True)
+        new = self._new_tokens(out)
         text = self.engine.loaded.tokenizer.decode(new, skip_special_tokens=True)
         stamps = list(out.timestamps or [])
         ttft_ms = (stamps[0] - started) * 1000 if stamps else (time.perf_counter() - started) * 1000
@@ -179,17 +175,24 @@ class ContinuousBatching:
     def at_once(self, conversations: list[Messages], max_new_tokens: int) -> tuple[float, int]:
         """All conversations submitted together to the same persistent manager; (seconds, new tokens)."""
         inputs = [self.engine.encode(m).token_ids for m in conversations]
+        started = time.perf_counter()
+        outputs = self._generate(inputs, max_new_tokens)
+        return time.perf_counter() - started, sum(len(self._new_tokens(out)) for out in outputs)
+
+    def _generate(self, inputs: list[list[int]], max_new_tokens: int, record_timestamps: bool = False) -> list[Any]:
+        """Greedy replies from the persistent manager (its prefix cache kept between calls); a
+        request that failed inside it raises instead of coming back empty."""
         config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False,
                                   eos_token_id=sorted(self.engine.eos_ids), pad_token_id=2)  # fmt: skip
-        started = time.perf_counter()
-        outputs = self.model.generate_batch(inputs=inputs, generation_config=config, persistent_manager=True,
-                                            progress_bar=False)  # fmt: skip
-        seconds = time.perf_counter() - started
+        outputs = self.model.generate_batch(inputs=inputs, generation_config=config, record_timestamps=record_timestamps,
+                                            persistent_manager=True, progress_bar=False)  # fmt: skip
         failed = [out.error for out in outputs.values() if getattr(out, "error", None)]
         if failed or len(outputs) != len(inputs):
             raise RuntimeError(f"transformers-cb failed {len(failed)} of {len(inputs)} requests: {failed[:1]}")
-        tokens = sum(len([t for t in out.generated_tokens if t not in self.engine.eos_ids]) for out in outputs.values())
-        return seconds, tokens
+        return list(outputs.values())
+
+    def _new_tokens(self, out: Any) -> list[int]:
+        return [t for t in out.generated_tokens if t not in self.engine.eos_ids]
 
     def close(self) -> None:
         self.model.destroy_cached_continuous_batching_manager()

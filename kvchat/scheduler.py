@@ -235,7 +235,7 @@ class Scheduler:
         owner = owner_of(request.session_id)
         owners = owners_for(request.session_id)
         match = self.tree.match(request.scope, owners, ids, len(ids) - 1)
-        if self._split_shared(match, owner):
+        if self._split_shared(request, match, owner):
             match = self.tree.match(request.scope, owners, ids, len(ids) - 1)
         for detach, inline in ((True, True), (True, False), (False, False)):  # cheapest to run first
             layout = self._plan(request, match, owner, detach, inline)
@@ -269,7 +269,7 @@ class Scheduler:
         request.generator = torch.Generator().manual_seed(seed) if seed is not None else None
         return True
 
-    def _split_shared(self, match: Match[KVRun], owner: str) -> bool:
+    def _split_shared(self, request: Request, match: Match[KVRun], owner: str) -> bool:
         """A run we share only the start of (two system prompts that begin alike, stateless
         histories that branch) is cut in two, so the common start is read by both, stored once.
         Only idle runs are cut, and only when the budget has room for the copy it takes."""
@@ -278,8 +278,10 @@ class Scheduler:
             return False
         length, at = len(node.token_ids), match.partial_tokens
         copied_nbytes = -(-node.nbytes * min(at, length - at) // length)  # the smaller side is copied
-        if self.tree.make_room(copied_nbytes, keep=[*match.nodes, node]) is None:
+        evicted = self.tree.make_room(copied_nbytes, keep=[*match.nodes, node])
+        if evicted is None:
             return False
+        request.evictions += evicted
 
         def halves(run: KVRun) -> tuple[KVRun, int, KVRun, int]:
             head, tail = run.split(at)

@@ -5,6 +5,7 @@ import threading
 
 import pytest
 
+from conftest import greedy_baseline
 from kvchat import Engine, kv_storage
 from kvchat.bench.meter import reachable_tensor_bytes
 from kvchat.chat import ChatTemplate
@@ -38,6 +39,7 @@ def test_batched_greedy_replies_equal_the_same_requests_served_alone(tiny_loaded
     solo = Engine(tiny_loaded, cache_budget_bytes=2**26)
     for i, messages in enumerate(conversations):
         assert solo.chat(f"alone-{i}", messages, max_new_tokens=NEW).text == batched[i][1]
+    assert batched[-1][1] == greedy_baseline(tiny_loaded, engine, conversations[-1], NEW)  # and plain generate's
     prefixes = [e for e in engine.stats().entries if e.kind == "prefix"]
     assert len(prefixes) == 1 and prefixes[0].sessions == 8  # the system prompt is stored once
     assert prefixes[0].num_tokens == engine.encode(conversations[0]).prefix_len

@@ -156,3 +156,135 @@ def test_no_session_id_can_name_the_shared_or_stateless_owner():
 def test_bad_budget_is_refused():
     with pytest.raises(ValueError):
         KVTree(-1)
+
+
+# --- two tiers: memory and disk ---
+
+
+def stored(t, node, key="k"):
+    """What the disk tier does once a node's file is complete."""
+    assert t.make_disk_room(node.nbytes) is not None
+    assert t.start_write(node, f"{key}{id(node)}")
+    t.write_done(node, ok=True)
+
+
+def test_memory_eviction_demotes_a_stored_run_which_stays_matchable_and_comes_back():
+    forgotten = []
+    t = KVTree(100, clock=iter(range(1, 10**6)).__next__, disk_budget_bytes=1_000, on_forget=forgotten.append)
+    system = t.insert("s", SHARED, None, [1, 2], "sys", 60)
+    stored(t, system)
+    evicted = t.make_room(80)
+    assert [(e.demoted, e.tier) for e in evicted] == [(True, "memory")]
+    assert t.node_bytes == 0 and t.disk_bytes == 60 and not system.in_memory
+    match = t.match("s", owners_for("alice"), [1, 2, 3], 3)
+    assert match.nodes == [system] and match.on_disk_only == [system]
+    t.promote(system, "sys again")
+    assert t.node_bytes == 60 and system.in_memory and forgotten == []
+
+
+def test_a_run_still_being_written_is_not_demoted_and_an_unstored_one_is_dropped():
+    t = KVTree(100, clock=iter(range(1, 10**6)).__next__, disk_budget_bytes=1_000)
+    system = t.insert("s", SHARED, None, [1], "sys", 60)
+    assert t.start_write(system, "key")
+    assert t.make_room(80) is None  # its bytes are still needed by the writer
+    t.write_done(system, ok=False)  # disk full: no copy
+    assert t.disk_bytes == 0
+    assert [e.demoted for e in t.make_room(80)] == [False]
+    assert t.match("s", owners_for(None), [1, 2], 2).num_tokens == 0
+
+
+def test_disk_budget_drops_disk_leaves_first_and_forgets_their_files():
+    forgotten = []
+    t = KVTree(1_000, clock=iter(range(1, 10**6)).__next__, disk_budget_bytes=100, on_forget=forgotten.append)
+    system = t.insert("s", SHARED, None, [1], "sys", 40)
+    turn = t.insert("s", owner_of("alice"), system, [2], "turn", 40)
+    stored(t, system), stored(t, turn)
+    t.touch([turn])  # the leaf is newer, yet the parent's copy must outlive it
+    evicted = t.make_disk_room(50)
+    assert [e.tier for e in evicted] == ["disk"] and forgotten == [f"k{id(turn)}"]
+    assert turn.in_memory and turn.disk == "" and system.disk == "stored"
+    assert t.make_disk_room(200) is None  # more than the whole budget: nothing dropped
+    assert system.disk == "stored"
+
+
+def test_a_run_only_on_disk_leaves_the_tree_when_its_copy_goes():
+    t = KVTree(50, clock=iter(range(1, 10**6)).__next__, disk_budget_bytes=50, on_forget=lambda key: None)
+    system = t.insert("s", SHARED, None, [1], "sys", 40)
+    stored(t, system)
+    t.make_room(50)  # demoted
+    t.make_disk_room(50)
+    assert t.match("s", owners_for(None), [1, 2], 2).num_tokens == 0 and t.disk_bytes == 0
+
+
+def test_split_and_removal_forget_stale_copies():
+    forgotten = []
+    t = KVTree(1_000, clock=iter(range(1, 10**6)).__next__, disk_budget_bytes=1_000, on_forget=forgotten.append)
+    system = t.insert("s", SHARED, None, [1, 2, 3, 4], "abcd", 40)
+    stored(t, system)
+    t.split(system, 2, lambda p: (p[:2], 20, p[2:], 20))
+    assert forgotten == [f"k{id(system)}"] and t.disk_bytes == 0  # neither half matches the old file
+    turn = t.insert("s", owner_of("alice"), system, [5], "turn", 10)
+    stored(t, turn)
+    t.remove(turn)
+    assert forgotten[-1] == f"k{id(turn)}" and t.disk_bytes == 0
+
+
+def test_restored_runs_hang_under_their_parents_on_disk_only():
+    t = KVTree(1_000, disk_budget_bytes=1_000)
+    system = t.insert_stored("s", SHARED, None, [1, 2], 20, "a", created_s=1.0, last_used_s=5.0, hits=3)
+    t.insert_stored("s", owner_of("alice"), system, [3], 10, "b", created_s=2.0, last_used_s=6.0, hits=1)
+    match = t.match("s", owners_for("alice"), [1, 2, 3, 4], 4)
+    assert match.num_tokens == 3 and len(match.on_disk_only) == 2
+    assert t.node_bytes == 0 and t.disk_bytes == 30
+
+
+def test_idle_conversations_expire_but_system_prompts_and_pins_stay():
+    now = [0.0]
+    t = KVTree(1_000, clock=lambda: now[0])
+    system = t.insert("s", SHARED, None, [1], "sys", 10)
+    t.insert("s", owner_of("alice"), system, [2], "old turn", 10)
+    pinned = t.insert("s", owner_of("bob"), system, [3], "running", 10)
+    t.pin([pinned])
+    now[0] = 100.0
+    fresh = t.insert("s", owner_of("carol"), system, [4], "new turn", 10)
+    assert t.drop_idle(50.0) == 1
+    assert {n.payload for n in t.nodes()} == {"sys", "running", "new turn"} and fresh.parent is system
+    assert t.clear() == 1 and {n.payload for n in t.nodes()} == {"sys", "running"}  # system: above a pin
+
+
+# --- eviction policies ---
+
+
+def policy_tree(name, budget=100):
+    from kvchat.eviction import policy_named
+
+    return KVTree(budget, clock=iter(range(1, 10**6)).__next__, policy=policy_named(name))
+
+
+def first_victim(t, nbytes=20):
+    return [e.key for e in t.make_room(nbytes)][0]
+
+
+def key_of(node):
+    return f"{node.kind}:{id(node) & 0xFFFFFF:06x}"
+
+
+def test_lfu_fifo_and_lru_2_choose_their_own_victims():
+    for name, expected in (("lru", "b"), ("lfu", "a"), ("fifo", "a"), ("lru-2", "a")):
+        t = policy_tree(name)
+        a = t.insert("s", owner_of("a"), None, [1], "a", 45)  # oldest, used once more early on
+        b = t.insert("s", owner_of("b"), None, [2], "b", 45)
+        t.touch([b]), t.touch([b]), t.touch([a])  # b: 2 hits, a: 1 hit but used last
+        victim = {key_of(a): "a", key_of(b): "b"}[first_victim(t)]
+        assert victim == expected, name
+
+
+def test_gdsf_keeps_deep_runs_whose_recompute_costs_more_per_byte():
+    t = policy_tree("gdsf", budget=1_000_000)
+    system = t.insert("s", SHARED, None, list(range(2_000)), "sys", 200_000)
+    t.pin([system])
+    deep = t.insert("s", owner_of("a"), system, list(range(2_000, 2_100)), "deep", 10_000)
+    shallow = t.insert("s", owner_of("b"), None, list(range(5_000, 5_100)), "shallow", 10_000)
+    t.touch([deep]), t.touch([shallow])
+    assert first_victim(t, 800_000) == key_of(shallow)  # LRU would take `deep`, the older one
+    assert t.inflation > 0  # the clock rose to the victim's value: old value fades

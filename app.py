@@ -9,6 +9,7 @@ import logging
 import signal
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -25,6 +26,7 @@ log = logging.getLogger("kvchat.app")
 
 LOAD_WAIT_S = 900  # a first start converts the bundled model; a request waits for it
 QUEUE_POLL_S = 0.5  # how often a queued visitor's place in line is refreshed
+ROLES = ("user", "assistant")
 History = list[dict[str, Any]]
 Yield = Iterator[tuple[History, str]]
 
@@ -66,7 +68,7 @@ class Handlers:
 
     # --- chat ---
     def respond(self, message: str, history: History, system_prompt: str, max_new_tokens: float,
-                temperature: float, top_p: float, request: gr.Request) -> Yield:  # fmt: skip
+                temperature: float, top_p: float, visitor: str, request: gr.Request) -> Yield:  # fmt: skip
         history = list(history or [])
         text = message if isinstance(message, str) else ""
         if not text.strip():
@@ -74,24 +76,24 @@ class Handlers:
             yield history, text
             return
         history.append(text_message("user", text))
-        yield from self._reply(history, system_prompt, max_new_tokens, temperature, top_p, request, text)
+        yield from self._reply(history, system_prompt, max_new_tokens, temperature, top_p, visitor, request, text)
 
     def retry(self, data: gr.RetryData, history: History, system_prompt: str, max_new_tokens: float,
-              temperature: float, top_p: float, request: gr.Request) -> Yield:  # fmt: skip
+              temperature: float, top_p: float, visitor: str, request: gr.Request) -> Yield:  # fmt: skip
         history = list(history or [])[: _index(data) + 1]
-        yield from self._reply(history, system_prompt, max_new_tokens, temperature, top_p, request, None)
+        yield from self._reply(history, system_prompt, max_new_tokens, temperature, top_p, visitor, request, None)
 
     def edit(self, data: gr.EditData, history: History, system_prompt: str, max_new_tokens: float,
-             temperature: float, top_p: float, request: gr.Request) -> Yield:  # fmt: skip
+             temperature: float, top_p: float, visitor: str, request: gr.Request) -> Yield:  # fmt: skip
         history = list(history or [])[: _index(data)] + [text_message("user", plain_text(data.value))]
-        yield from self._reply(history, system_prompt, max_new_tokens, temperature, top_p, request, None)
+        yield from self._reply(history, system_prompt, max_new_tokens, temperature, top_p, visitor, request, None)
 
     def undo(self, data: gr.UndoData, history: History) -> tuple[History, str]:
         """Drop the user message and everything after it; put its text back in the box."""
         return list(history or [])[: _index(data)], plain_text(data.value)
 
     def _reply(self, history: History, system_prompt: str, max_new_tokens: float, temperature: float,
-               top_p: float, request: gr.Request, restore: str | None) -> Yield:  # fmt: skip
+               top_p: float, visitor: str, request: gr.Request, restore: str | None) -> Yield:  # fmt: skip
         """Stream one reply. On bad input, warn and give the typed text back (`restore`)."""
         engine = self.holder.peek()
         if engine is None:
@@ -105,7 +107,7 @@ class Handlers:
                 return
         try:
             generation = engine.stream(
-                _session_id(request), conversation(system_prompt, history),
+                _session_id(visitor, request), conversation(system_prompt, history),
                 max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
             )  # fmt: skip
         except Busy as err:  # an error, so API clients see it too; the typed text stays in the box
@@ -138,10 +140,25 @@ class Handlers:
             self._log_warning_shown = True
             gr.Warning(engine.log_warning)
 
-    def end_session(self, request: gr.Request) -> None:
+    # --- the conversation in the visitor's browser ---
+    def restore(self, saved: Any) -> tuple[History, str, dict[str, Any]]:
+        """On page load: the conversation this browser kept (a reload or a restart loses nothing),
+        and its visitor id, which names its session in the engine, so it continues warm."""
+        saved = saved if isinstance(saved, dict) else {}
+        visitor = saved.get("visitor") if isinstance(saved.get("visitor"), str) else ""
+        visitor = visitor or uuid.uuid4().hex
+        history = [m for m in saved.get("history") or [] if isinstance(m, dict) and m.get("role") in ROLES]
+        return history, visitor, {"visitor": visitor, "history": history}
+
+    def save(self, history: History, visitor: str) -> dict[str, Any]:
+        return {"visitor": visitor, "history": list(history or [])}
+
+    def clear_cache(self) -> str:
         engine = self.holder.peek()
-        if engine is not None:
-            engine.end_session(_session_id(request))
+        if engine is None:
+            return "The model is still loading: nothing is cached yet."
+        removed = engine.clear_cache()
+        return f"Cleared {removed} cached run(s) from memory and disk; pinned presets and runs in use stay."
 
     # --- status and stats ---
     def status(self) -> tuple[str, gr.Timer]:
@@ -151,12 +168,18 @@ class Handlers:
         if engine is None:
             waited = time.time() - self.holder.started_s
             return f"⏳ **Loading model…** ({waited:.0f} s; the first start converts the bundled model)", gr.Timer()
-        loaded = engine.loaded
+        loaded, stats = engine.loaded, engine.stats()
+        auto = " (auto)" if self.config.cache_budget_bytes is None else ""
         text = (
             f"✅ **{loaded.name}** on `{loaded.device}` ({str(loaded.dtype).removeprefix('torch.')}) · "
-            f"KV budget {format_bytes(self.config.cache_budget_bytes)} · context {engine.context_tokens:,} tokens"
+            f"KV budget {format_bytes(engine.budget_bytes)}{auto} · {panel.disk_words(stats)} · "
+            f"context {engine.context_tokens:,} tokens"
         )
-        return text, gr.Timer(active=False)
+        warming = panel.warmup_words(stats.warmups)
+        if warming:
+            text += f" · {warming}"
+        still_warming = any(not w.done and not w.error for w in stats.warmups)
+        return text, gr.Timer(active=still_warming)
 
     def refresh_stats(self) -> tuple[Any, ...]:
         """Panel text, entries, recent requests, then the three plots (from the usage log)."""
@@ -174,7 +197,7 @@ class Handlers:
                 panel.bytes_frame(timeline),
                 panel.ttft_frame(timeline),
             )
-        except Exception as err:  # noqa: BLE001 - a side panel must never take the chat down
+        except Exception as err:
             log.exception("stats panel failed")
             return (f"Stats unavailable right now: {err}", [], [], *_EMPTY_PLOTS)
 
@@ -193,12 +216,13 @@ def _index(data: Any) -> int:
     return data.index if isinstance(data.index, int) else data.index[0]
 
 
-def _session_id(request: gr.Request) -> str:
-    return request.session_hash or "anonymous"
+def _session_id(visitor: str, request: gr.Request) -> str:
+    """The browser's own visitor id (kept across reloads), else this page's Gradio session."""
+    return visitor if isinstance(visitor, str) and visitor else request.session_hash or "anonymous"
 
 
 def build_ui(holder: BackgroundEngine, config: Config) -> gr.Blocks:
-    presets = load_presets()
+    presets = load_presets(extra=config.preset_files)
     first_preset = next(iter(presets), None)
     handlers = Handlers(holder, config)
     with gr.Blocks(title="kvchat") as demo:
@@ -206,23 +230,22 @@ def build_ui(holder: BackgroundEngine, config: Config) -> gr.Blocks:
         status = gr.Markdown(handlers.status()[0])
         status_timer = gr.Timer(1.0)
         with gr.Tabs():
-            with gr.Tab("Chat") as chat_tab:
-                with gr.Row():
-                    with gr.Column(scale=3):
-                        chatbot = gr.Chatbot(label="Conversation", height=560, editable="user")
-                        with gr.Row():
-                            textbox = gr.Textbox(placeholder="Message…", show_label=False, scale=5,
-                                                 autofocus=True, submit_btn=False)  # fmt: skip
-                            send = gr.Button("Send", variant="primary", scale=1)
-                            stop = gr.Button("Stop", variant="stop", scale=1)
-                    with gr.Column(scale=2):
-                        preset = gr.Dropdown(list(presets), value=first_preset, label="System prompt preset")
-                        system_box = gr.Textbox(presets.get(first_preset, ""), label="System prompt",
-                                                lines=10, max_lines=18)  # fmt: skip
-                        with gr.Accordion("Generation settings", open=False):
-                            max_tokens = gr.Slider(1, 2048, value=256, step=1, label="Max new tokens")
-                            temperature = gr.Slider(0, 2, value=0, step=0.05, label="Temperature (0 = greedy)")
-                            top_p = gr.Slider(0.01, 1, value=1, step=0.01, label="Top-p")
+            with gr.Tab("Chat") as chat_tab, gr.Row():
+                with gr.Column(scale=3):
+                    chatbot = gr.Chatbot(label="Conversation", height=560, editable="user")
+                    with gr.Row():
+                        textbox = gr.Textbox(placeholder="Message…", show_label=False, scale=5,
+                                             autofocus=True, submit_btn=False)  # fmt: skip
+                        send = gr.Button("Send", variant="primary", scale=1)
+                        stop = gr.Button("Stop", variant="stop", scale=1)
+                with gr.Column(scale=2):
+                    preset = gr.Dropdown(list(presets), value=first_preset, label="System prompt preset")
+                    system_box = gr.Textbox(presets.get(first_preset, ""), label="System prompt",
+                                            lines=10, max_lines=18)  # fmt: skip
+                    with gr.Accordion("Generation settings", open=False):
+                        max_tokens = gr.Slider(1, 2048, value=256, step=1, label="Max new tokens")
+                        temperature = gr.Slider(0, 2, value=0, step=0.05, label="Temperature (0 = greedy)")
+                        top_p = gr.Slider(0.01, 1, value=1, step=0.01, label="Top-p")
             with gr.Tab("Cache stats") as stats_tab:
                 stats_md = gr.Markdown("Open this tab to see the cache at work.")
                 gr.Markdown("#### Cached entries (most recently used first)")
@@ -237,8 +260,13 @@ def build_ui(holder: BackgroundEngine, config: Config) -> gr.Blocks:
                     ttft_plot = gr.ScatterPlot(x="request", y="TTFT ms", color="cache",
                                                title="Time to first token, warm vs cold", height=260)  # fmt: skip
                 stats_timer = gr.Timer(2.0, active=False)
+                with gr.Row(visible=not config.share or bool(config.auth)):  # only the operator may clear
+                    clear_cache = gr.Button("Clear cache (memory and disk)", variant="secondary", scale=0)
+                    cleared = gr.Markdown()
+        saved = gr.BrowserState({"visitor": "", "history": []}, storage_key="kvchat-conversation")
+        visitor = gr.State("")
 
-        settings = [system_box, max_tokens, temperature, top_p]
+        settings = [system_box, max_tokens, temperature, top_p, visitor]
         run = {"concurrency_limit": None}  # the engine batches and queues; Gradio must not serialise
         chat_io = {"inputs": [textbox, chatbot, *settings], "outputs": [chatbot, textbox]}
         events = [
@@ -246,9 +274,14 @@ def build_ui(holder: BackgroundEngine, config: Config) -> gr.Blocks:
             send.click(handlers.respond, **chat_io, **run, api_visibility="private"),
             chatbot.retry(handlers.retry, [chatbot, *settings], [chatbot, textbox], **run, api_visibility="private"),
             chatbot.edit(handlers.edit, [chatbot, *settings], [chatbot, textbox], **run, api_visibility="private"),
+            chatbot.undo(handlers.undo, [chatbot], [chatbot, textbox], api_visibility="private"),
         ]
-        stop.click(None, cancels=events)
-        chatbot.undo(handlers.undo, [chatbot], [chatbot, textbox], api_visibility="private")
+        stop.click(None, cancels=events[:-1])
+        for event in events:  # the browser keeps the conversation after every change
+            event.then(handlers.save, [chatbot, visitor], saved, api_visibility="private")
+        chatbot.clear(lambda visitor: {"visitor": visitor, "history": []}, visitor, saved, api_visibility="private")
+        demo.load(handlers.restore, saved, [chatbot, visitor, saved], api_visibility="private")
+        clear_cache.click(handlers.clear_cache, outputs=cleared, api_visibility="private")
         preset.change(lambda name: presets.get(name, ""), preset, system_box, api_visibility="private")
         status_timer.tick(handlers.status, outputs=[status, status_timer], api_visibility="private")
         stats_outputs = [stats_md, entries, recent, hit_plot, bytes_plot, ttft_plot]
@@ -258,11 +291,10 @@ def build_ui(holder: BackgroundEngine, config: Config) -> gr.Blocks:
         )
         chat_tab.select(lambda: gr.Timer(active=False), outputs=stats_timer, api_visibility="private")
         gr.api(_stats_api(holder), api_name="stats")
-        demo.unload(handlers.end_session)
     return demo
 
 
-def _stats_api(holder: BackgroundEngine):  # noqa: ANN202 - gr.api reads the hints of the inner function
+def _stats_api(holder: BackgroundEngine):
     def stats() -> dict:
         """Live cache numbers (what the stats panel shows) as JSON."""
         engine = holder.peek()
@@ -274,9 +306,15 @@ def _stats_api(holder: BackgroundEngine):  # noqa: ANN202 - gr.api reads the hin
             "requests": s.requests, "hits": s.hits, "misses": s.misses, "evictions": s.evictions,
             "not_admitted": s.not_admitted, "running": s.running, "waiting": s.waiting,
             "running_bytes": s.running_bytes, "shared_bytes": s.shared_bytes, "private_bytes": s.private_bytes,
-            "token_hit_rate": s.token_hit_rate,
+            "pinned_bytes": s.pinned_bytes, "token_hit_rate": s.token_hit_rate, "eviction": engine.eviction,
+            "demotions": s.demotions, "disk_budget_bytes": s.disk_budget_bytes, "disk_bytes": s.disk_bytes,
+            "disk_file_bytes": s.disk_file_bytes, "disk_evictions": s.disk_evictions, "disk_reads": s.disk_reads,
+            "disk_problem": s.disk_problem,
+            "warmups": [{"preset": w.title, "tokens": w.num_tokens, "pinned": w.pinned, "done": w.done,
+                         "disk_tokens": w.disk_tokens, "ms": round(w.ms)} for w in s.warmups],
             "entries": [{"kind": e.kind, "tokens": e.num_tokens, "nbytes": e.nbytes, "hits": e.hits,
-                         "sessions": e.sessions, "in_use": e.pinned} for e in s.entries],
+                         "sessions": e.sessions, "in_use": e.pinned, "tier": e.tier, "on_disk": e.on_disk}
+                        for e in s.entries],
         }  # fmt: skip
 
     return stats
@@ -307,9 +345,12 @@ def main(argv: list[str] | None = None) -> int:
     holder = BackgroundEngine(
         lambda: Engine.load(
             model=config.model, device=config.device, dtype=config.dtype,
-            cache_budget=config.cache_budget_bytes, usage_db=config.usage_db, store_text=config.store_text,
-            prefix_salt=config.prefix_salt, home=config.home, max_batch=config.max_batch,
-            max_waiting=config.max_queue,
+            cache_budget="auto" if config.cache_budget_bytes is None else config.cache_budget_bytes,
+            usage_db=config.usage_db, store_text=config.store_text, prefix_salt=config.prefix_salt,
+            home=config.home, max_batch=config.max_batch, max_waiting=config.max_queue, eviction=config.eviction,
+            disk_dir=config.disk_path, disk_budget=config.disk_budget_bytes,
+            persist_sessions=config.persist_sessions, session_ttl_s=config.session_ttl_s,
+            presets=load_presets(extra=config.preset_files),
         )
     )  # fmt: skip
     demo, local_url, share_url = launch(holder, config)

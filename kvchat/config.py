@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvchat.errors import InputError
+from kvchat.eviction import POLICIES
 
 _UNITS = {
     "": 1, "b": 1,
@@ -47,6 +48,20 @@ def format_bytes(nbytes: int) -> str:
     raise AssertionError("unreachable")
 
 
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*$")
+_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float | None:
+    """'90' or '90s' -> 90.0, '30m' -> 1800.0, '2h', '1d'; 'off', '0' or '' -> None."""
+    if str(text).strip().lower() in {"", "off", "none", "0"}:
+        return None
+    match = _DURATION.match(str(text))
+    if match is None:
+        raise InputError(f"cannot read {text!r} as a duration: write e.g. 900, 30m, 2h or off")
+    return float(match.group(1)) * _SECONDS[match.group(2) or "s"]
+
+
 def default_home() -> Path:
     """Where converted model weights are kept between starts."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
@@ -58,7 +73,7 @@ class Config:
     model: str | None = None  # None = the bundled SmolLM2-135M-Instruct GGUF
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
-    cache_budget_bytes: int = 512 * 2**20
+    cache_budget_bytes: int | None = 512 * 2**20  # None = auto (from free memory at start)
     usage_db: str | None = "kvchat.db"  # None = no usage log
     store_text: bool = False  # store message text in the usage log (off: only numbers)
     prefix_salt: str = ""  # scopes shared prefixes; sessions with other salts never share
@@ -69,6 +84,18 @@ class Config:
     max_queue: int = 64  # requests waiting in the engine's queue beyond this get "busy, try again"
     max_batch: int = 16  # requests decoded together in one forward
     home: Path = default_home()
+    eviction: str = "lru"
+    disk_dir: Path | None = None  # None = <home>/disk
+    disk_budget_bytes: int = 2 * 2**30  # 0 = no disk tier
+    persist_sessions: bool = False  # conversations' own turns go to disk too (off: system prompts only)
+    session_ttl_s: float | None = None  # drop conversations' turns idle this long (None = never)
+    preset_files: tuple[Path, ...] = ()
+
+    @property
+    def disk_path(self) -> Path | None:
+        if self.disk_budget_bytes == 0:
+            return None
+        return self.disk_dir if self.disk_dir is not None else self.home / "disk"
 
 
 _ENV = "KVCHAT_"
@@ -79,7 +106,7 @@ def _env_bool(value: str | None) -> bool:
 
 
 def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentParser:
-    env = lambda name, default=None: environ.get(_ENV + name, default)  # noqa: E731
+    env = lambda name, default=None: environ.get(_ENV + name, default)
     parser = argparse.ArgumentParser(
         prog="app.py",
         description="kvchat: a Gradio chat whose backend keeps and shares KV caches. "
@@ -95,7 +122,25 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
                         choices=["auto", "float32", "bfloat16", "float16"],
                         help="weights and KV dtype; auto = float32 on cpu, bfloat16 on cuda [KVCHAT_DTYPE]")
     parser.add_argument("--cache-budget", default=env("CACHE_BUDGET", "512MiB"),
-                        help="bytes all cached KV may hold, e.g. 512MiB, 2GiB, 800MB [KVCHAT_CACHE_BUDGET]")
+                        help="bytes all cached KV may hold in memory, e.g. 512MiB, 2GiB, 800MB, or auto "
+                        "(from free GPU memory or available RAM at start) [KVCHAT_CACHE_BUDGET]")
+    parser.add_argument("--eviction", default=env("EVICTION", "lru"), choices=list(POLICIES),
+                        help="which idle cached run goes first when room is needed; gdsf weighs what a "
+                        "run saves (reuses x recompute cost per byte) [KVCHAT_EVICTION]")
+    parser.add_argument("--disk-dir", default=env("DISK_DIR"),
+                        help="where cached KV is kept across restarts; default: <home>/disk [KVCHAT_DISK_DIR]")
+    parser.add_argument("--disk-budget", default=env("DISK_BUDGET", "2GiB"),
+                        help="bytes of KV the disk tier may hold; 0 turns it off [KVCHAT_DISK_BUDGET]")
+    parser.add_argument("--persist-sessions", action="store_true", default=_env_bool(env("PERSIST_SESSIONS")),
+                        help="also keep conversations' own turns on disk (off: only system prompts, the "
+                        "operator's text, are written) [KVCHAT_PERSIST_SESSIONS]")
+    parser.add_argument("--session-ttl", default=env("SESSION_TTL", "off"),
+                        help="drop a conversation's cached turns after this long unused, e.g. 30m, 2h; "
+                        "off keeps them until evicted [KVCHAT_SESSION_TTL]")
+    parser.add_argument("--preset-file", action="append", default=None,
+                        help="a Markdown file with a system prompt to offer, warm and pin at start, besides "
+                        "assets/presets/ (repeatable) [KVCHAT_PRESET_FILES, separated by "
+                        f"'{os.pathsep}']")
     parser.add_argument("--usage-db", default=env("USAGE_DB", "kvchat.db"),
                         help="SQLite file for the usage log; 'none' disables it [KVCHAT_USAGE_DB]")
     parser.add_argument("--store-text", action="store_true", default=_env_bool(env("STORE_TEXT")),
@@ -132,11 +177,17 @@ def config_from_args(argv: Sequence[str] | None = None, environ: Mapping[str, st
         raise InputError("--max-queue must be at least 1")
     if args.max_batch < 1:
         raise InputError("--max-batch must be at least 1")
+    preset_files = tuple(Path(p).expanduser() for p in (args.preset_file or [
+        p for p in environ.get(_ENV + "PRESET_FILES", "").split(os.pathsep) if p]))  # fmt: skip
+    for path in preset_files:
+        if not path.is_file():
+            raise InputError(f"--preset-file {path} does not exist")
+    auto = str(args.cache_budget).strip().lower() == "auto"
     return Config(
         model=args.model or None,
         device=args.device,
         dtype=args.dtype,
-        cache_budget_bytes=parse_bytes(args.cache_budget),
+        cache_budget_bytes=None if auto else parse_bytes(args.cache_budget),
         usage_db=usage_db,
         store_text=args.store_text,
         prefix_salt=args.prefix_salt,
@@ -147,4 +198,10 @@ def config_from_args(argv: Sequence[str] | None = None, environ: Mapping[str, st
         max_queue=args.max_queue,
         max_batch=args.max_batch,
         home=Path(args.home).expanduser(),
+        eviction=args.eviction,
+        disk_dir=Path(args.disk_dir).expanduser() if args.disk_dir else None,
+        disk_budget_bytes=parse_bytes(args.disk_budget),
+        persist_sessions=args.persist_sessions,
+        session_ttl_s=parse_duration(args.session_ttl),
+        preset_files=preset_files,
     )

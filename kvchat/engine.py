@@ -3,35 +3,57 @@
 A request names its conversation (the whole history) and optionally a session. The scheduler
 (`scheduler.py`) serves every request at once in batched forwards; the tree (`kv_tree.py`) decides
 what cached KV a request may reuse and what to evict; the storage (`kv_storage.py`) holds the KV and
-is the only code that knows transformers' internals. This module validates input, starts requests,
-and keeps the counters, the stats and the usage log.
+is the only code that knows transformers' internals; the disk tier (`kv_disk.py`) keeps KV across
+memory pressure and restarts. This module validates input, starts requests, warms and pins the
+presets, and keeps the counters, the stats and the usage log.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
+import torch
 import xxhash
 
 from kvchat import kv_storage, models
 from kvchat.chat import ChatTemplate, Prompt, TextStream
-from kvchat.config import parse_bytes
+from kvchat.config import format_bytes, parse_bytes
 from kvchat.errors import Busy, GenerationError, InputError
+from kvchat.eviction import policy_named
 from kvchat.generation import Generation
+from kvchat.kv_disk import FORMAT, DiskStore, DiskTier, DiskUnavailable
 from kvchat.kv_storage import KVRun, RowBuffer, SegmentedForward
-from kvchat.kv_tree import KVTree, NodeInfo, owner_of
+from kvchat.kv_tree import KVTree, Node, NodeInfo, owner_of
 from kvchat.prefix import fingerprint, scope_key
 from kvchat.sampling import SamplingParams
 from kvchat.scheduler import Request, Scheduler
 from kvchat.usage import Reply, Usage
 from kvchat.usage_log import UsageLog, UsageSummary
 
+log = logging.getLogger(__name__)
+
 MIB = 1024 * 1024
+PIN_FRACTION = 0.25  # warm presets may pin at most this share of the memory budget
+
+
+@dataclass(slots=True)
+class Warmup:
+    """One system prompt warmed at start: computed, or read back from disk."""
+
+    title: str
+    num_tokens: int
+    pinned: bool
+    disk_tokens: int = 0  # of its tokens, read back from disk
+    done: bool = False
+    ms: float = 0.0
+    error: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +73,16 @@ class CacheStats:
     running_bytes: int  # private buffers of running requests
     shared_bytes: int  # idle or in-use nodes readable by more than one session (system prompts, stateless)
     private_bytes: int  # nodes of one session's own turns
+    pinned_bytes: int = 0  # warm presets kept in memory for good
+    demotions: int = 0  # evictions from memory that kept the run on disk
+    disk_budget_bytes: int = 0  # 0: no disk tier
+    disk_bytes: int = 0  # KV bytes of runs on disk (complete or being written)
+    disk_file_bytes: int = 0  # bytes of the complete files, headers included
+    disk_evictions: int = 0
+    disk_reads: int = 0  # runs read back from disk
+    disk_read_tokens: int = 0
+    disk_problem: str | None = None  # the disk tier's latest problem (or why there is none)
+    warmups: list[Warmup] = field(default_factory=list)
 
     @property
     def busy(self) -> bool:
@@ -71,6 +103,11 @@ class Engine:
         max_batch: int = 16,
         prefill_chunk_tokens: int = 256,
         max_waiting: int | None = None,
+        eviction: str = "lru",
+        disk_dir: str | Path | None = None,
+        disk_budget_bytes: int = 2 * 2**30,
+        persist_sessions: bool = False,
+        session_ttl_s: float | None = None,
     ) -> None:
         kv_storage.check_supported(loaded.model)
         kv_storage.use_native_gqa(loaded.device)
@@ -84,13 +121,25 @@ class Engine:
         self.max_batch = max_batch
         self.max_waiting = max_waiting  # None: unbounded
         self._template = ChatTemplate(loaded.tokenizer)
-        self._fingerprint = fingerprint([loaded.identity, str(loaded.dtype), self._template.template_text])
+        self._fingerprint = fingerprint([loaded.identity, str(loaded.dtype), self._template.template_text, FORMAT])
         self._salt = prefix_salt
         self._eos_ids = frozenset(_eos_ids(loaded))
         self.bytes_per_token = kv_storage.bytes_per_token(loaded.model, loaded.device, loaded.dtype)
-        self._tree: KVTree[KVRun] = KVTree(cache_budget_bytes)
+        try:
+            policy = policy_named(eviction)
+        except ValueError as err:
+            raise InputError(str(err)) from err
+        self.eviction = eviction
+        self._tree: KVTree[KVRun] = KVTree(cache_budget_bytes, policy=policy)
         self._counts_lock = threading.Lock()
         self._requests = self._hits = self._prompt_tokens = self._cached_tokens = self._not_admitted = 0
+        self.warmups: list[Warmup] = []
+        self._pinned: list[Node[KVRun]] = []
+        self.disk: DiskTier | None = None
+        self.disk_restored = 0  # runs found on disk at start
+        self._disk_note: str | None = None
+        if disk_dir is not None and disk_budget_bytes > 0:
+            self._open_disk(Path(disk_dir), disk_budget_bytes, persist_sessions)
         self._scheduler = Scheduler(
             forward=SegmentedForward(loaded.model, loaded.device),
             tree=self._tree,
@@ -102,7 +151,11 @@ class Engine:
             on_finish=self._finish,
             max_batch=max_batch,
             prefill_chunk_tokens=prefill_chunk_tokens,
+            disk=self.disk,
         )
+        self._closed = threading.Event()
+        if session_ttl_s:
+            threading.Thread(target=self._expire_loop, args=(session_ttl_s,), name="kvchat-ttl", daemon=True).start()
 
     @classmethod
     def load(
@@ -117,13 +170,34 @@ class Engine:
         home: Path | None = None,
         max_batch: int = 16,
         max_waiting: int | None = None,
+        eviction: str = "lru",
+        disk_dir: str | Path | None = None,
+        disk_budget: str | int = "2GiB",
+        persist_sessions: bool = False,
+        session_ttl_s: float | None = None,
+        presets: Mapping[str, str] | None = None,
     ) -> Engine:
-        """Load a model (None = the bundled SmolLM2) and open the usage log (None = no log)."""
-        budget = parse_bytes(cache_budget)
+        """Load a model (None = the bundled SmolLM2), open the usage log (None = no log) and the
+        disk tier (None = memory only), then warm and pin `presets` (title -> system prompt) in
+        the background. `cache_budget="auto"` sizes the memory tier from free memory."""
+        disk_budget_bytes = parse_bytes(disk_budget)
+        budget = None if str(cache_budget).strip().lower() == "auto" else parse_bytes(cache_budget)
+        try:
+            policy_named(eviction)
+        except ValueError as err:
+            raise InputError(str(err)) from err
         loaded = models.load(model, device=device, dtype=dtype, home=home)
+        if budget is None:
+            budget, why = auto_budget_bytes(loaded.device)
+            log.info("--cache-budget auto: %s (%s)", format_bytes(budget), why)
         usage_log = UsageLog(usage_db, store_text=store_text) if usage_db else None
-        return cls(loaded, budget, usage_log=usage_log, prefix_salt=prefix_salt, max_batch=max_batch,
-                   max_waiting=max_waiting)  # fmt: skip
+        engine = cls(loaded, budget, usage_log=usage_log, prefix_salt=prefix_salt, max_batch=max_batch,
+                     max_waiting=max_waiting, eviction=eviction, disk_dir=disk_dir,
+                     disk_budget_bytes=disk_budget_bytes, persist_sessions=persist_sessions,
+                     session_ttl_s=session_ttl_s)  # fmt: skip
+        if presets:
+            engine.warm(presets)
+        return engine
 
     # --- public API ---
     def stream(
@@ -179,6 +253,11 @@ class Engine:
         return Reply(text=generation.text, usage=generation.wait())
 
     @property
+    def budget_bytes(self) -> int:
+        """The memory tier's budget (as chosen by `--cache-budget auto` when it was)."""
+        return self._tree.budget_bytes
+
+    @property
     def eos_ids(self) -> frozenset[int]:
         """Token ids that end a reply."""
         return self._eos_ids
@@ -186,6 +265,34 @@ class Engine:
     def encode(self, messages: Sequence[Mapping[str, Any]]) -> Prompt:
         """The token ids a conversation renders to, and its shareable system-prefix length."""
         return self._template.encode(messages)
+
+    def warm(self, presets: Mapping[str, str]) -> list[Generation]:
+        """Compute (or read back from disk) each preset's system prompt in the background, before
+        any visitor needs it, and pin it in memory while pins stay under a quarter of the budget
+        (beyond that it is warmed but may be evicted). Returns the warm-ups' handles."""
+        allowance = int(self._tree.budget_bytes * PIN_FRACTION) - sum(n.nbytes for n in self._pinned)
+        handles = []
+        for title, text in presets.items():
+            if not (text or "").strip():
+                continue
+            rendered = self._template.encode([{"role": "system", "content": text}, {"role": "user", "content": "x"}])
+            ids = rendered.token_ids[: rendered.prefix_len]
+            pin = len(ids) * self.bytes_per_token <= allowance
+            allowance -= len(ids) * self.bytes_per_token if pin else 0
+            warmup = Warmup(title, len(ids), pin)
+            self.warmups.append(warmup)
+            usage = Usage(ts=time.time(), session="", model=self.model_name, prompt_tokens=len(ids))
+            prompt = Prompt(ids, len(ids), "")
+            request = Request(Generation(), None, prompt, SamplingParams(0), scope_key(self._fingerprint, self._salt),
+                              usage, time.perf_counter(), prefix_only=True, pin_prefix=pin, warmup=warmup)  # fmt: skip
+            self._scheduler.submit(request)
+            handles.append(request.generation)
+        return handles
+
+    def clear_cache(self) -> int:
+        """Drop every cached run no request is using, from memory and disk (warm presets stay
+        pinned). Returns how many runs went."""
+        return self._tree.clear()
 
     def end_session(self, session_id: str) -> bool:
         """Free a session's own turns (a tab closed). Shared prefixes stay for other sessions."""
@@ -215,9 +322,26 @@ class Engine:
             running=running,
             waiting=waiting,
             running_bytes=self._tree.running_bytes,
-            shared_bytes=sum(e.nbytes for e in entries if e.kind != "session"),
-            private_bytes=sum(e.nbytes for e in entries if e.kind == "session"),
+            shared_bytes=sum(e.nbytes for e in entries if e.kind != "session" and e.tier == "memory"),
+            private_bytes=sum(e.nbytes for e in entries if e.kind == "session" and e.tier == "memory"),
+            pinned_bytes=sum(n.nbytes for n in self._pinned if n.in_memory),
+            demotions=self._tree.demotions,
+            disk_budget_bytes=self._tree.disk_budget_bytes if self.disk else 0,
+            disk_bytes=self._tree.disk_bytes,
+            disk_file_bytes=self.disk.store.file_nbytes if self.disk else 0,
+            disk_evictions=self._tree.disk_evictions,
+            disk_reads=self.disk.reads if self.disk else 0,
+            disk_read_tokens=self.disk.read_tokens if self.disk else 0,
+            disk_problem=self.disk_problem,
+            warmups=list(self.warmups),
         )
+
+    @property
+    def disk_problem(self) -> str | None:
+        """Why there is no disk tier, or the latest thing that went wrong with it."""
+        if self.disk is not None and self.disk.store.problems:
+            return self.disk.store.problems[-1]
+        return self._disk_note
 
     def usage_summary(self) -> UsageSummary | None:
         """History from the usage log (None without a log or when it cannot be read)."""
@@ -234,12 +358,40 @@ class Engine:
         return self.usage_log.warning if self.usage_log else None
 
     def close(self) -> None:
-        """Finish queued requests, then flush and close the usage log."""
+        """Finish queued requests, finish writing to disk, then flush and close the usage log."""
+        self._closed.set()
         self._scheduler.close()
+        if self.disk:
+            self.disk.close()
         if self.usage_log:
             self.usage_log.close()
 
+    def flush_disk(self) -> None:
+        """Wait until every run queued for the disk tier is written (tests, the bench)."""
+        if self.disk:
+            self.disk.store.flush()
+
     # --- inside ---
+    def _open_disk(self, directory: Path, budget_bytes: int, persist_sessions: bool) -> None:
+        """Open the disk tier and hang what it holds in the tree; without it, say why and go on."""
+        layers = kv_storage.kv_shape(self.loaded.model)[0]
+        try:
+            store = DiskStore(directory, self._fingerprint, layers)
+        except DiskUnavailable as err:
+            self._disk_note = str(err)
+            log.warning("disk cache off: %s", err)
+            return
+        self._tree.disk_budget_bytes = budget_bytes
+        self.disk = DiskTier(store, self._tree, self.device, self.loaded.dtype, persist_sessions)
+        self.disk_restored = self.disk.restore()
+        if self.disk_restored:
+            log.info("disk cache: %d cached run(s) found in %s", self.disk_restored, store.directory)
+
+    def _expire_loop(self, ttl_s: float) -> None:
+        """Drop conversations' own turns (memory and disk) idle for longer than `ttl_s`."""
+        while not self._closed.wait(min(ttl_s / 4, 30.0)):
+            self._tree.drop_idle(ttl_s)
+
     def _check_fits(self, prompt: Prompt, params: SamplingParams) -> None:
         """A request whose KV alone (prompt + the whole reply) exceeds the budget could never run."""
         tokens = min(len(prompt.token_ids) + params.max_new_tokens, self.context_tokens)
@@ -254,6 +406,15 @@ class Engine:
     def _finish(self, request: Request, error: BaseException | None) -> None:
         """Called by the scheduler when a request ends: counters, log, then wake the caller."""
         usage = request.usage
+        if request.prefix_only:  # a warm-up, not a visitor: no counters, no log row
+            warmup: Warmup = request.warmup
+            warmup.done, warmup.ms, warmup.disk_tokens = error is None, _ms_since(request.arrived), usage.disk_tokens
+            warmup.error = str(error or "")
+            warmup.pinned = bool(request.pinned)
+            self._pinned += request.pinned
+            request.generation.finish(usage, error if error is None or isinstance(error, GenerationError)
+                                      else GenerationError(str(error), usage))  # fmt: skip
+            return
         usage.cache_bytes = self._tree.used_bytes
         usage.budget_bytes = self._tree.budget_bytes
         usage.evictions = len(request.evictions)
@@ -274,6 +435,21 @@ class Engine:
         if error is not None and not isinstance(error, GenerationError):
             error = GenerationError(f"generation failed: {error}", usage)
         request.generation.finish(usage, error)
+
+
+def auto_budget_bytes(device: torch.device) -> tuple[int, str]:
+    """A memory-tier budget from what is free now, the model already loaded: on CUDA 70% of free
+    device memory, on CPU half the available RAM (the rest is left for activations, the batch's
+    buffers transients and everything else on the machine)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.7), f"70% of {format_bytes(free)} free on {device}"
+    available = psutil.virtual_memory().available
+    return int(available * 0.5), f"half of {format_bytes(available)} available RAM"
+
+
+def _ms_since(start: float) -> float:
+    return (time.perf_counter() - start) * 1000
 
 
 def _eos_ids(loaded: models.LoadedModel) -> set[int]:

@@ -123,12 +123,15 @@ def load(model: str | None, device: str = "auto", dtype: str = "auto", home: Pat
         path, digest = converted_bundled(home or default_home())
         source, name, identity = str(path), BUNDLED_NAME, f"bundled:{BUNDLED_FILE}:{digest}"
     else:
-        source, name, identity = check_source(model), model, f"model:{model}"
+        source, name, identity = check_source(model), model, ""
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         weights = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
     except (OSError, ValueError, KeyError) as err:
         raise InputError(f"cannot load {model or source!r} as a causal language model: {err}") from err
+    if not identity:
+        identity = weights_identity(Path(source)) if Path(source).is_dir() else \
+            f"hub:{model}@{getattr(weights.config, '_commit_hash', None) or 'unknown'}"
     weights.to(torch_device).eval()
     return LoadedModel(
         model=weights,
@@ -139,6 +142,21 @@ def load(model: str | None, device: str = "auto", dtype: str = "auto", home: Pat
         dtype=torch_dtype,
         load_s=time.perf_counter() - started,
     )
+
+
+WEIGHT_FILES = ("config.json", "*.safetensors", "*.bin", "*.pt", "*.gguf")
+
+
+def weights_identity(directory: Path) -> str:
+    """A content hash of a model directory's config and weight files: what makes its KV what it
+    is. A renamed or moved copy has the same identity; retrained weights under the same path do not.
+    Hashing reads every weight file once per start (xxh3: about a second per GB from page cache)."""
+    digest = xxhash.xxh3_128()
+    files = sorted({path for pattern in WEIGHT_FILES for path in directory.glob(pattern) if path.is_file()})
+    for path in files:
+        digest.update(path.name.encode() + b"\x00")
+        digest.update(file_hash(path).encode())
+    return f"weights:{digest.hexdigest()}"
 
 
 def check_source(model: str) -> str:

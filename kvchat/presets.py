@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "assets" / "presets"
@@ -17,5 +18,7 @@ def title_of(path: Path) -> str:
     return f"{title} (long)" if long else title
 
 
-def load_presets(directory: Path = PRESETS_DIR) -> dict[str, str]:
-    return {title_of(path): path.read_text(encoding="utf-8").strip() for path in sorted(directory.glob("*.md"))}
+def load_presets(directory: Path = PRESETS_DIR, extra: Sequence[Path] = ()) -> dict[str, str]:
+    """Title -> system prompt, the bundled ones first, then `extra` files (--preset-file)."""
+    paths = [*sorted(directory.glob("*.md")), *extra]
+    return {title_of(path): path.read_text(encoding="utf-8").strip() for path in paths}

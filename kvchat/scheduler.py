@@ -15,6 +15,10 @@ Each step:
 A system prompt nobody has cached yet is prefilled alone into an exact-size buffer and published as
 a shared node the moment it is complete, so requests behind it with the same prompt reuse it.
 
+With a disk tier (`kv_disk`), every node the tier wants is written through in the background as it
+is made, and a matched node whose KV is only on disk is read back (verified) at admission, before
+anything else: it then serves like any node in memory.
+
 Shared runs are read in place (cascade attention, see `kv_storage`) when they are long. When all a
 request reads by reference is shorter than `CASCADE_MIN_TOKENS`, it copies them to the front of its
 own buffer instead (`inline`): a few MiB at most, and its attention is then one plain call, which
@@ -29,12 +33,14 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from kvchat.chat import Prompt, TextStream
 from kvchat.errors import GenerationError
 from kvchat.generation import Generation
+from kvchat.kv_disk import DiskTier
 from kvchat.kv_storage import KVRun, Row, RowBuffer, SegmentedForward
 from kvchat.kv_tree import SHARED, STATELESS, Eviction, KVTree, Match, Node, owner_of, owners_for
 from kvchat.sampling import SamplingParams, next_token
@@ -54,6 +60,10 @@ class Request:
     scope: str
     usage: Usage
     arrived: float  # perf_counter at arrival
+    prefix_only: bool = False  # warm-up: compute (or read back) the system prompt, reply nothing
+    pin_prefix: bool = False  # and keep it pinned in memory afterwards
+    warmup: Any = None  # the engine's record of a warm-up
+    pinned: list[Node[KVRun]] = field(default_factory=list)  # what a finished warm-up left pinned
     # set when admitted
     nodes: list[Node[KVRun]] = field(default_factory=list)  # cached runs it builds on (pinned)
     inline: bool = False  # `nodes` are copied to the front of `buffer` instead of read in place
@@ -115,8 +125,10 @@ class Scheduler:
         on_finish: Finisher,
         max_batch: int = 16,
         prefill_chunk_tokens: int = 256,
+        disk: DiskTier | None = None,
     ) -> None:
         self.forward = forward
+        self.disk = disk
         self.tree = tree
         self.new_buffer = new_buffer
         self.bytes_per_token = bytes_per_token
@@ -228,15 +240,24 @@ class Scheduler:
                     waiting.generation.ahead = position
             request.usage.wait_ms = _ms_since(request.arrived)
             request.generation.admitted()
+            if request.prefix_only and not request.prefilling:
+                self._finish(request, "stop")  # it was cached (now in memory): nothing to compute
 
     def _try_admit(self, request: Request) -> bool:
         """Pin what is cached, reserve the rest; False (nothing changed) when it does not fit yet."""
         ids = request.prompt.token_ids
         owner = owner_of(request.session_id)
         owners = owners_for(request.session_id)
-        match = self.tree.match(request.scope, owners, ids, len(ids) - 1)
+        limit = len(ids) if request.prefix_only else len(ids) - 1  # a reply needs one id fed
+        while True:
+            match = self.tree.match(request.scope, owners, ids, limit)
+            promoted = self._promote(request, match)
+            if promoted is False:
+                return False
+            if promoted:
+                break
         if self._split_shared(request, match, owner):
-            match = self.tree.match(request.scope, owners, ids, len(ids) - 1)
+            match = self.tree.match(request.scope, owners, ids, limit)
         for detach, inline in ((True, True), (True, False), (False, False)):  # cheapest to run first
             layout = self._plan(request, match, owner, detach, inline)
             if layout is not None:
@@ -264,10 +285,33 @@ class Scheduler:
         request.fed = reused
         request.usage.cached_tokens = reused
         request.usage.cache_source = _source([*layout.nodes, *(n for n, _ in layout.detached)], owner)
+        request.usage.disk_tokens = min(request.usage.disk_tokens, reused)
+        request.usage.cache_tier = "disk" if request.usage.disk_tokens else "memory" if reused else "none"
         request.text = self.new_text()
         seed = request.params.seed
         request.generator = torch.Generator().manual_seed(seed) if seed is not None else None
         return True
+
+    def _promote(self, request: Request, match: Match[KVRun]) -> bool | None:
+        """Read back the matched nodes whose KV is only on disk, root first. False: no room in
+        memory yet (wait); None: a file proved bad and its node is gone (match again)."""
+        in_memory = [node for node in match.nodes if node.in_memory]
+        for node in match.on_disk_only:
+            assert self.disk is not None, "a node on disk only without a disk tier"
+            evicted = self.tree.make_room(node.nbytes, keep=[*match.nodes, *in_memory])
+            if evicted is None:
+                return False
+            request.evictions += evicted
+            run = self.disk.load(node)
+            if run is None:
+                return None
+            self.tree.promote(node, run)
+            request.usage.disk_tokens += match.partial_tokens if node is match.partial else len(node.token_ids)
+        return True
+
+    def _persist(self, node: Node[KVRun]) -> None:
+        if self.disk is not None:
+            self.disk.persist(node)
 
     def _split_shared(self, request: Request, match: Match[KVRun], owner: str) -> bool:
         """A run we share only the start of (two system prompts that begin alike, stateless
@@ -287,7 +331,9 @@ class Scheduler:
             head, tail = run.split(at)
             return head, head.nbytes, tail, tail.nbytes
 
-        self.tree.split(node, at, halves)
+        head = self.tree.split(node, at, halves)
+        self._persist(head)
+        self._persist(node)
         return True
 
     def _copy_inline(self, request: Request) -> None:
@@ -320,7 +366,7 @@ class Scheduler:
         publish_tokens = max(0, prefix_len - held) if not detached else 0
         end = min(len(ids) + request.params.max_new_tokens, self.context_tokens)
         buffer_tokens = end - held - publish_tokens
-        inline = inline and 0 < held + publish_tokens < CASCADE_MIN_TOKENS
+        inline = inline and not request.prefix_only and 0 < held + publish_tokens < CASCADE_MIN_TOKENS
         if inline:
             buffer_tokens += held + publish_tokens
         need = (publish_tokens + buffer_tokens) * self.bytes_per_token
@@ -365,6 +411,8 @@ class Scheduler:
                 request.buffer_ids += fed_ids
             if request.prefilling:
                 return
+            if request.prefix_only:
+                return self._finish(request, "stop")
         else:
             request.buffer_ids += fed_ids
             request.decode_rows += decoding
@@ -381,6 +429,7 @@ class Scheduler:
         ids = request.prompt.token_ids[request.fed - buffer.num_tokens : request.fed]
         self.tree.release(buffer.nbytes)
         node = self.tree.insert(request.scope, SHARED, parent, ids, run, run.nbytes)
+        self._persist(node)
         self.tree.pin([node])
         request.nodes.append(node)
         request.reserved_bytes -= buffer.nbytes
@@ -420,6 +469,9 @@ class Scheduler:
             usage.batch_size = request.decode_rows / request.decode_steps
         if error is None:
             self._keep_turns(request)
+            if request.pin_prefix and reason == "stop" and request.nodes:
+                self.tree.pin(request.nodes)  # a warm preset stays in memory: `_release` unpins once
+                request.pinned = list(request.nodes)
         self._release(request)
         with self._wake:
             if request in self._running:
@@ -445,7 +497,8 @@ class Scheduler:
         request.reserved_bytes = 0
         parent = request.nodes[-1] if request.nodes else None
         owner = owner_of(request.session_id)
-        self.tree.insert(request.scope, owner, parent, request.buffer_ids, run, run.nbytes)
+        node = self.tree.insert(request.scope, owner, parent, request.buffer_ids, run, run.nbytes)
+        self._persist(node)
 
     def _release(self, request: Request) -> None:
         if request.nodes:

@@ -11,20 +11,22 @@ import time
 import pandas as pd
 
 from kvchat.config import format_bytes
-from kvchat.engine import CacheStats
+from kvchat.engine import CacheStats, Warmup
 from kvchat.usage import CacheSource, Usage
 from kvchat.usage_log import UsageSummary
 
 SOURCE_WORDS: dict[CacheSource, str] = {
     "session": "this session", "stateless": "earlier stateless requests", "prefix": "shared prefix", "none": "none",
 }  # fmt: skip
-ENTRY_COLUMNS = ["kind", "tokens", "from start", "bytes", "sessions under it", "hits", "in use", "last used"]
-RECENT_COLUMNS = ["time", "source", "prompt tokens", "cached", "new", "TTFT ms", "finish"]
+ENTRY_COLUMNS = ["kind", "tokens", "from start", "bytes", "where", "sessions under it", "hits", "in use", "last used"]
+RECENT_COLUMNS = ["time", "source", "tier", "prompt tokens", "cached", "new", "TTFT ms", "finish"]
 
 
 def badge(usage: Usage) -> str:
     """One line under a reply: what the cache did for it."""
     reused = f"{usage.cached_tokens:,} reused from {SOURCE_WORDS[usage.cache_source]}"
+    if usage.disk_tokens:
+        reused += f" ({usage.disk_tokens:,} read back from disk)"
     if usage.cached_tokens == 0:
         reused = "nothing reused (cold)"
     speed = f" · {usage.decode_tokens_per_s:.1f} tok/s" if usage.decode_tokens_per_s else ""
@@ -48,6 +50,27 @@ def badge_detail(usage: Usage) -> str:
     )
 
 
+def disk_words(stats: CacheStats) -> str:
+    """The disk tier in a few words, for the status line."""
+    if not stats.disk_budget_bytes:
+        return f"no disk cache ({stats.disk_problem})" if stats.disk_problem else "no disk cache"
+    return f"disk {format_bytes(stats.disk_bytes)} of {format_bytes(stats.disk_budget_bytes)}"
+
+
+def warmup_words(warmups: list[Warmup]) -> str:
+    """Presets warmed at start: how many are ready, and from where."""
+    if not warmups:
+        return ""
+    done = [w for w in warmups if w.done]
+    from_disk = sum(1 for w in done if w.disk_tokens)
+    pinned = sum(1 for w in done if w.pinned)
+    if len(done) < len(warmups) and not any(w.error for w in warmups):
+        return f"⏳ warming presets {len(done)}/{len(warmups)}"
+    failed = [w.title for w in warmups if w.error]
+    return (f"presets warm: {len(done)} ({from_disk} read from disk, {pinned} pinned)"
+            + (f", failed: {', '.join(failed)}" if failed else ""))  # fmt: skip
+
+
 def _ms(value: float | None) -> str:
     return "–" if value is None else f"{value:,.0f} ms"
 
@@ -69,8 +92,11 @@ def panel_markdown(stats: CacheStats, summary: UsageSummary | None, log_warning:
         f"{format_bytes(stats.private_bytes)}, running requests {format_bytes(stats.running_bytes)}",
         f"- **Cached runs:** {prefixes} shared prefix(es), {sessions} session turn(s), {stateless} stateless turn(s)"
         + (f"; the most shared prefix serves {widest.sessions} session(s)" if widest else ""),
-        f"- **Evictions so far:** {stats.evictions:,}"
+        f"- **Evictions so far:** {stats.evictions:,} ({stats.demotions:,} of them demoted to disk)"
         + (f" · **turns not kept** (no room beside running requests): {stats.not_admitted:,}" if stats.not_admitted else ""),
+        f"- **Pinned presets:** {format_bytes(stats.pinned_bytes)} (at most a quarter of the budget)"
+        + (f"; {warmup_words(stats.warmups)}" if stats.warmups else ""),
+        _disk_line(stats),
     ]
     lines.append("### History (usage log)")
     if summary is None:
@@ -87,10 +113,20 @@ def panel_markdown(stats: CacheStats, summary: UsageSummary | None, log_warning:
     return "\n".join(lines)
 
 
+def _disk_line(stats: CacheStats) -> str:
+    if not stats.disk_budget_bytes:
+        return "- **Disk tier:** off" + (f" ({stats.disk_problem})" if stats.disk_problem else "")
+    line = (f"- **Disk tier:** {format_bytes(stats.disk_bytes)} of KV in {format_bytes(stats.disk_file_bytes)} of "
+            f"files, budget {format_bytes(stats.disk_budget_bytes)}; {stats.disk_reads:,} run(s) read back "
+            f"({stats.disk_read_tokens:,} tokens); {stats.disk_evictions:,} dropped from disk")  # fmt: skip
+    return line + (f"\n\n⚠️ Disk tier: {stats.disk_problem}" if stats.disk_problem else "")
+
+
 def entry_rows(stats: CacheStats, now_s: float | None = None) -> list[list[object]]:
     now_s = time.time() if now_s is None else now_s
     return [
-        [e.kind, e.num_tokens, e.depth_tokens - e.num_tokens, format_bytes(e.nbytes), e.sessions, e.hits,
+        [e.kind, e.num_tokens, e.depth_tokens - e.num_tokens, format_bytes(e.nbytes),
+         "memory + disk" if e.tier == "memory" and e.on_disk else e.tier, e.sessions, e.hits,
          "yes" if e.pinned else "",
          f"{max(0.0, now_s - e.last_used_s):.0f} s ago"]
         for e in stats.entries
@@ -99,7 +135,8 @@ def entry_rows(stats: CacheStats, now_s: float | None = None) -> list[list[objec
 
 def recent_rows(rows: list[dict] | None) -> list[list[object]]:
     return [
-        [time.strftime("%H:%M:%S", time.localtime(r["ts"])), r["cache_source"], r["prompt_tokens"],
+        [time.strftime("%H:%M:%S", time.localtime(r["ts"])), r["cache_source"], r.get("cache_tier", ""),
+         r["prompt_tokens"],
          r["cached_tokens"], r["new_tokens"], round(r["ttft_ms"]), r["finish_reason"]]
         for r in rows or []
     ]  # fmt: skip

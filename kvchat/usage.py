@@ -15,6 +15,9 @@ CacheSource = Literal["session", "stateless", "prefix", "none"]
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 
+CacheTier = Literal["memory", "disk", "none"]
+"""Where the reused KV was when the request arrived: all in memory, some read back from disk, none."""
+
 
 @dataclass(slots=True)
 class Usage:
@@ -36,6 +39,8 @@ class Usage:
     not_admitted: int = 0  # runs this request computed but could not keep (no room in the budget)
     queued_behind: int = 0  # requests waiting ahead of it when it arrived
     batch_size: float = 0.0  # mean requests per forward while it decoded (1 = alone)
+    disk_tokens: int = 0  # of `cached_tokens`, those read back from the disk tier
+    cache_tier: CacheTier = "none"
 
     @property
     def prefilled_tokens(self) -> int:

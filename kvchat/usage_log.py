@@ -71,8 +71,17 @@ def m006_batching(db: sqlite_utils.Database) -> None:
     db["requests"].add_column("batch_size", float, not_null_default=0)
 
 
+def m007_disk_tier(db: sqlite_utils.Database) -> None:
+    """Reuse read back from disk, and whether an eviction dropped a run or demoted it to disk."""
+    db["requests"].add_column("disk_tokens", int, not_null_default=0)
+    db["requests"].add_column("cache_tier", str, not_null_default="none")
+    db["evictions"].add_column("tier", str, not_null_default="memory")
+    db["evictions"].add_column("demoted", int, not_null_default=0)
+
+
 MIGRATIONS: Sequence[Callable[[sqlite_utils.Database], None]] = (
     m001_requests, m002_evictions, m003_message_text, m004_budget, m005_not_admitted, m006_batching,
+    m007_disk_tier,
 )
 
 
@@ -168,7 +177,7 @@ class UsageLog:
                 ).last_pk
                 db["evictions"].insert_all(
                     {"ts": row.usage.ts, "request_id": request_id, "kind": ev.key.split(":", 1)[0],
-                     "num_tokens": ev.num_tokens, "nbytes": ev.nbytes}
+                     "num_tokens": ev.num_tokens, "nbytes": ev.nbytes, "tier": ev.tier, "demoted": ev.demoted}
                     for ev in row.evictions
                 )  # fmt: skip
             self.rows_written += 1
@@ -228,7 +237,7 @@ class UsageLog:
 
     def recent(self, limit: int = 10) -> list[dict] | None:
         return self._query(
-            "select ts, cache_source, prompt_tokens, cached_tokens, new_tokens, ttft_ms, finish_reason "
+            "select ts, cache_source, cache_tier, prompt_tokens, cached_tokens, new_tokens, ttft_ms, finish_reason "
             "from requests order by id desc limit ?",
             [limit],
         )

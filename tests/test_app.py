@@ -4,6 +4,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,8 +32,11 @@ def run_app(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
 
 
 def start_app(*args: str, auth: tuple[str, str] | None = None) -> tuple[subprocess.Popen, str]:
-    """Start `python app.py ARGS` on a free local port; returns once the model is loaded."""
+    """Start `python app.py ARGS` on a free local port; returns once the model is loaded. Its disk
+    cache is a fresh directory unless ARGS name one (never the user's own)."""
     port = free_port()
+    if "--disk-dir" not in args:
+        args = (*args, "--disk-dir", tempfile.mkdtemp(prefix="kvchat-disk-"))
     process = subprocess.Popen(
         [sys.executable, "app.py", "--port", str(port), *args],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -62,7 +66,7 @@ def stop_app(process: subprocess.Popen) -> None:
 def running_app(folder: Path, *args: str) -> Iterator[tuple[str, Path]]:
     """The app with its own usage log in `folder`: (url, db path), stopped afterwards."""
     db = folder / "usage.db"
-    process, url = start_app("--usage-db", str(db), *args)
+    process, url = start_app("--usage-db", str(db), "--disk-dir", str(folder / "disk"), *args)
     try:
         yield url, db
     finally:
@@ -92,7 +96,7 @@ def test_two_sessions_share_the_long_system_prompt_and_every_request_is_logged(a
     assert "shared prefix" in bob_history[-1]["metadata"]["title"]
     rows = logged_rows(db, 3)  # the log writer is asynchronous
     assert len(rows) == 3
-    assert rows[0]["cache_source"] == "none"
+    assert rows[0]["cache_source"] == "prefix" and rows[0]["cached_tokens"] > 1000  # presets are warm at start
     assert rows[1]["cache_source"] == "session" and rows[1]["cached_tokens"] > 1000
     assert rows[2]["cache_source"] == "prefix" and rows[2]["cached_tokens"] > 1000
     assert rows[2]["session"] != rows[0]["session"]

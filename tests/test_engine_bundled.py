@@ -64,3 +64,18 @@ def test_after_an_eviction_the_evicted_session_is_still_exact(bundled_loaded):
     assert engine.stats().evictions >= 1 and engine.stats().used_bytes <= budget
     reply = engine.chat("alice", follow, max_new_tokens=NEW)
     assert reply.text == greedy_baseline(bundled_loaded, engine, follow, NEW)
+
+
+def test_after_a_restart_the_conversation_read_back_from_disk_is_exact(bundled_loaded, tmp_path):
+    messages = [FAQ, {"role": "user", "content": "How much does the Team plan cost?"}]
+    engine = Engine(bundled_loaded, cache_budget_bytes=512 * 2**20, usage_log=None, disk_dir=tmp_path,
+                    persist_sessions=True)  # fmt: skip
+    first = engine.chat("alice", messages, max_new_tokens=NEW)
+    engine.close()
+    messages += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "And Business?"}]
+    engine = Engine(bundled_loaded, cache_budget_bytes=512 * 2**20, usage_log=None, disk_dir=tmp_path,
+                    persist_sessions=True)  # fmt: skip
+    reply = engine.chat("alice", messages, max_new_tokens=NEW)
+    engine.close()
+    assert reply.usage.cache_tier == "disk" and reply.usage.prefilled_tokens < 40
+    assert reply.text == greedy_baseline(bundled_loaded, engine, messages, NEW)

@@ -6,11 +6,14 @@
 from __future__ import annotations
 
 import logging
+import os
+import secrets
 import signal
 import sys
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -216,6 +219,22 @@ def _index(data: Any) -> int:
     return data.index if isinstance(data.index, int) else data.index[0]
 
 
+def browser_secret(home: Path) -> str:
+    """The key Gradio encrypts each browser's saved conversation with. Kept under --home (owner-only),
+    so a restarted app can still read what browsers saved; a fresh random one per start would not."""
+    path = home / "browser-state.key"
+    try:
+        if not path.is_file():
+            home.mkdir(parents=True, exist_ok=True)
+            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(descriptor, "w") as handle:
+                handle.write(secrets.token_hex(32))
+        return path.read_text().strip()
+    except OSError as err:  # an unwritable home: conversations then survive reloads, not restarts
+        log.warning("cannot keep the browser-state key in %s (%s)", home, err)
+        return secrets.token_hex(32)
+
+
 def _session_id(visitor: str, request: gr.Request) -> str:
     """The browser's own visitor id (kept across reloads), else this page's Gradio session."""
     return visitor if isinstance(visitor, str) and visitor else request.session_hash or "anonymous"
@@ -263,7 +282,8 @@ def build_ui(holder: BackgroundEngine, config: Config) -> gr.Blocks:
                 with gr.Row(visible=not config.share or bool(config.auth)):  # only the operator may clear
                     clear_cache = gr.Button("Clear cache (memory and disk)", variant="secondary", scale=0)
                     cleared = gr.Markdown()
-        saved = gr.BrowserState({"visitor": "", "history": []}, storage_key="kvchat-conversation")
+        saved = gr.BrowserState({"visitor": "", "history": []}, storage_key="kvchat-conversation",
+                                secret=browser_secret(config.home))  # fmt: skip
         visitor = gr.State("")
 
         settings = [system_box, max_tokens, temperature, top_p, visitor]

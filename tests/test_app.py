@@ -31,10 +31,10 @@ def run_app(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
                           timeout=timeout)  # fmt: skip
 
 
-def start_app(*args: str, auth: tuple[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+def start_app(*args: str, auth: tuple[str, str] | None = None, port: int | None = None) -> tuple[subprocess.Popen, str]:
     """Start `python app.py ARGS` on a free local port; returns once the model is loaded. Its disk
     cache is a fresh directory unless ARGS name one (never the user's own)."""
-    port = free_port()
+    port = port or free_port()
     if "--disk-dir" not in args:
         args = (*args, "--disk-dir", tempfile.mkdtemp(prefix="kvchat-disk-"))
     process = subprocess.Popen(
@@ -63,10 +63,10 @@ def stop_app(process: subprocess.Popen) -> None:
 
 
 @contextmanager
-def running_app(folder: Path, *args: str) -> Iterator[tuple[str, Path]]:
-    """The app with its own usage log in `folder`: (url, db path), stopped afterwards."""
+def running_app(folder: Path, *args: str, port: int | None = None) -> Iterator[tuple[str, Path]]:
+    """The app with its own usage log and disk cache in `folder`: (url, db path), stopped afterwards."""
     db = folder / "usage.db"
-    process, url = start_app("--usage-db", str(db), "--disk-dir", str(folder / "disk"), *args)
+    process, url = start_app("--usage-db", str(db), "--disk-dir", str(folder / "disk"), *args, port=port)
     try:
         yield url, db
     finally:

@@ -8,7 +8,7 @@ import sqlite_utils
 from gradio_client import Client
 from playwright.sync_api import Page, sync_playwright
 
-from test_app import running_app
+from test_app import free_port, running_app
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
@@ -159,3 +159,35 @@ def test_two_tabs_stream_at_the_same_time(app, browser):
     finally:
         for page in pages:
             page.close()
+
+
+def test_a_reload_keeps_the_conversation_and_continues_it_warm(page):
+    chat_once(page, "Name three planets.", 8)
+    page.reload()
+    page.get_by_text("✅").first.wait_for(timeout=60_000)
+    page.get_by_text("Name three planets.").first.wait_for(timeout=30_000)  # kept by the browser
+    chat_once(page, "And three moons?", 8)
+    page.get_by_text("reused from this session").first.wait_for(timeout=120_000)
+
+
+def test_after_an_app_restart_the_browser_continues_warm_from_disk(browser, tmp_path, bundled_dir):
+    context = browser.new_context(viewport={"width": 1300, "height": 1000})  # its storage outlives the app
+    port = free_port()  # the same address both times: a browser keeps storage per origin
+    try:
+        with running_app(tmp_path, "--persist-sessions", port=port) as (url, _):
+            page = context.new_page()
+            page.goto(url)
+            page.get_by_text("✅").first.wait_for(timeout=180_000)
+            chat_once(page, "Name three planets.", 8)
+            page.close()
+        with running_app(tmp_path, "--persist-sessions", port=port) as (url, _):
+            page = context.new_page()
+            page.goto(url)
+            page.get_by_text("✅").first.wait_for(timeout=180_000)
+            page.get_by_text("Name three planets.").first.wait_for(timeout=30_000)
+            chat_once(page, "And three moons?", 8)
+            badge = page.get_by_text("read back from disk").first
+            badge.wait_for(timeout=120_000)
+            assert "reused from this session" in badge.inner_text()
+    finally:
+        context.close()

@@ -14,7 +14,8 @@ from kvchat.bench.oracle import Oracle, render_ids
 
 TINY = Plan(points=(150, 400), follow_ups=2, recompute_repeats=1, shared_colds=3, shared_warm=2, new_tokens=4,
             decode_tokens=6, decode_repeats=1, pressure_sessions=5, pressure_exact=2, long_lengths=(4, 24),
-            long_repeats=1, visitor_counts=(1, 3), capacity_sessions=4)  # fmt: skip
+            long_repeats=1, visitor_counts=(1, 3), capacity_sessions=4, restart_repeats=2, restart_tokens=600, return_sessions=3,
+            preset_repeats=1, policy_visitors=6)  # fmt: skip
 SYSTEM = {"role": "system", "content": "You are the helpdesk of a planetarium. " * 6}
 
 
@@ -33,9 +34,9 @@ def bench(tiny_loaded):
 
 
 def test_quick_bench_on_the_tiny_model_writes_consistent_results(tiny_loaded, tmp_path):
-    results = run(tiny_loaded, TINY, peers=["llama-cpp"], quick=True, startup=lambda: 1.5)
+    results = run(tiny_loaded, TINY, peers=["llama-cpp"], quick=True, startup=lambda: 1.5, out=tmp_path)
     written = report.write_all(tmp_path, results)
-    assert [p.name for p in written] == ["results.json", "results.md", "ttft.png"]
+    assert [p.name for p in written] == ["results.json", "results.md", "ttft.png", "policies.png"]
     loaded = json.loads((tmp_path / "results.json").read_text())
     summary = loaded["summary"]
     assert set(summary) == set(report.TARGETS)
@@ -64,6 +65,18 @@ def test_quick_bench_on_the_tiny_model_writes_consistent_results(tiny_loaded, tm
     assert summary["budget_violations"] == 0 and 0 <= summary["sessions_kept_256mib"] <= 1
     assert any(why in loaded["skipped"]["llama-cpp"] for why in ("not installed", "needs the bundled GGUF"))
     assert "## Summary" in (tmp_path / "results.md").read_text()
+    # the disk tier: a restarted engine serves the follow-up from disk, exactly, counted at the model
+    assert summary["restart_exact"] == 1.0 and loaded["restart"]["same_text_memory_and_disk"]
+    restarted = by_workload[("restart", "kvchat", "disk")]
+    assert restarted["prefilled_tokens"] < 60 and restarted["hit_ratio"] > 0.9
+    returned = by_workload[("return_after_eviction", "kvchat", "with disk")]
+    assert returned["hit_ratio"] > by_workload[("return_after_eviction", "kvchat", "memory only")]["hit_ratio"]
+    assert by_workload[("preset_first_visitor", "kvchat", "warmed from disk")]["hit_ratio"] > 0.9
+    assert by_workload[("preset_first_visitor", "kvchat", "cold")]["prefilled_tokens"] > 1000
+    policies = loaded["policies"]["table"]
+    assert {t["policy"] for t in policies} == {"lru", "lfu", "fifo", "lru-2", "gdsf"}
+    assert all(t["token_hit_ratio"] <= policies[0]["token_hit_ratio"] for t in policies)  # none beats no eviction
+    assert (tmp_path / "policy-trace.json").is_file() and "Eviction policies" in (tmp_path / "results.md").read_text()
 
 
 def test_meter_counts_reuse_at_the_model_and_flags_a_false_claim(bench):

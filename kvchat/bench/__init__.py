@@ -19,9 +19,10 @@ from typing import Any
 import torch
 
 from kvchat import kv_storage
-from kvchat.bench import crowd, report, systems, workloads
+from kvchat.bench import crowd, policies, report, systems, tiers, workloads
 from kvchat.bench.meter import ModelMeter
 from kvchat.engine import Engine
+from kvchat.eviction import POLICIES
 from kvchat.models import LoadedModel
 
 PEERS = ("transformers-cb", "llama-cpp")
@@ -43,11 +44,16 @@ class Plan:
     long_repeats: int
     visitor_counts: tuple[int, ...] = (1, 2, 4, 8, 16)  # sessions chatting at once on the FAQ preset
     capacity_sessions: int = 40  # sessions taking turns under CAPACITY_BUDGET
+    restart_repeats: int = 3  # follow-ups answered from memory, then after a restart from disk
+    restart_tokens: int = 2000  # history of the restarted conversation
+    return_sessions: int = 6  # conversations that return after memory pressure evicted them
+    preset_repeats: int = 2  # first visitors of a preset after a fresh start
+    policy_visitors: int = 16  # visitors in the recorded workload the eviction policies replay
 
 
 CAPACITY_BUDGET = 256 * 2**20
-QUICK = Plan((500, 2000, 4000), 3, 2, 3, 3, 16, 32, 2, 6, 3, (32, 512), 1, (1, 4, 8), 16)
-FULL = Plan((500, 1000, 2000, 4000), 5, 3, 4, 7, 16, 64, 3, 10, 10, (32, 512), 2, (1, 2, 4, 8, 16), 40)
+QUICK = Plan((500, 2000, 4000), 3, 2, 3, 3, 16, 32, 2, 6, 3, (32, 512), 1, (1, 4, 8), 16, 2, 2000, 4, 1, 10)
+FULL = Plan((500, 1000, 2000, 4000), 5, 3, 4, 7, 16, 64, 3, 10, 10, (32, 512), 2, (1, 2, 4, 8, 16), 40, 3, 2000, 6, 2, 16)
 
 
 def missing_dependencies() -> list[str]:
@@ -93,7 +99,8 @@ def make_peers(engine: Engine, wanted: list[str], gguf: str | None) -> tuple[lis
 
 
 def run(loaded: LoadedModel, plan: Plan, peers: list[str], quick: bool, budget_bytes: int = 2**30,
-        gguf: str | None = None, startup: Callable[[], float | None] = lambda: None) -> dict[str, Any]:  # fmt: skip
+        gguf: str | None = None, startup: Callable[[], float | None] = lambda: None,
+        out: Path | None = None) -> dict[str, Any]:  # fmt: skip
     """Run every workload on every system; returns what results.json holds."""
     from tqdm.auto import tqdm
 
@@ -106,7 +113,8 @@ def run(loaded: LoadedModel, plan: Plan, peers: list[str], quick: bool, budget_b
     crowds = sum(plan.visitor_counts) * (2 + (cb is not None)) + max(plan.visitor_counts, default=0) + plan.capacity_sessions * 2
     planned = (len(plan.points) * (1 + 2 * plan.follow_ups + plan.recompute_repeats * others + len(peer_systems))
                + shared + 10 + plan.pressure_sessions * 2 + plan.pressure_exact + plan.decode_repeats * 2 + long
-               + crowds)  # fmt: skip
+               + crowds + plan.restart_repeats * 4 + 1 + plan.return_sessions * 4 + 2 + plan.preset_repeats * 3
+               + plan.policy_visitors * 2.5 * (1 + len(policies.BUDGET_FRACTIONS) * len(POLICIES)))  # fmt: skip
     bar = tqdm(total=planned, desc="kvchat bench", unit="req")
     meter = ModelMeter(loaded.model)
     bench = workloads.Bench(engine, systems.Kvchat(engine, "main"), systems.Recompute(engine), systems.Floor(engine),
@@ -126,6 +134,10 @@ def run(loaded: LoadedModel, plan: Plan, peers: list[str], quick: bool, budget_b
         ("visitors", lambda: found.update(crowds=crowd.visitors(bench, plan.visitor_counts, cb))),
         ("capacity", lambda: found.update(kept=crowd.capacity(bench, systems.Kvchat(capacity_engine, "capacity"),
                                                               plan.capacity_sessions))),
+        ("restart", lambda: found.update(restart=tiers.restart(bench, plan.restart_repeats, plan.restart_tokens))),
+        ("return_after_eviction", lambda: tiers.return_after_eviction(bench, plan.return_sessions)),
+        ("preset_first_visitor", lambda: found.update(presets=tiers.preset_first_visitor(bench, plan.preset_repeats))),
+        ("policies", lambda: found.update(policies=policies.compare(bench, plan.policy_visitors, out))),
     ]  # fmt: skip
     try:
         for name, step in steps:
@@ -143,8 +155,10 @@ def run(loaded: LoadedModel, plan: Plan, peers: list[str], quick: bool, budget_b
     return {
         "quick": quick, "machine": machine(), "model": loaded.name, "device": str(loaded.device),
         "dtype": str(loaded.dtype).removeprefix("torch."), "plan": asdict(plan), "skipped": skipped,
-        "summary": report.summarize(bench.rows, list(plan.points), startup(), visitors, found.get("kept")),
-        "visitors": visitors,
+        "summary": report.summarize(bench.rows, list(plan.points), startup(), visitors, found.get("kept"),
+                                    policies.best_gain(found.get("policies"))),
+        "visitors": visitors, "restart": found.get("restart"), "presets": found.get("presets"),
+        "policies": found.get("policies"),
         "flagged": report.flagged(bench.rows), "groups": report.groups(bench.rows),
         "rows": [r.as_dict() for r in bench.rows], "peak_rss_mib": rss,
     }  # fmt: skip

@@ -67,7 +67,7 @@ class Handlers:
     def __init__(self, holder: BackgroundEngine, config: Config) -> None:
         self.holder = holder
         self.config = config
-        self._log_warning_shown = False
+        self._warnings_shown: set[str] = set()
 
     # --- chat ---
     def respond(self, message: str, history: History, system_prompt: str, max_new_tokens: float,
@@ -136,12 +136,15 @@ class Handlers:
         finally:
             generation.cancel()  # Stop or a closed tab lands here: stop the backend too
         yield history + [reply, badge_message(generation.usage)], ""
-        self._warn_log_once(engine)
+        self._warn_once(engine)
 
-    def _warn_log_once(self, engine: Engine) -> None:
-        if engine.log_warning and not self._log_warning_shown:
-            self._log_warning_shown = True
-            gr.Warning(engine.log_warning)
+    def _warn_once(self, engine: Engine) -> None:
+        """A side part's problem (the usage log, the disk tier) is said once, after a reply it did
+        not stop; the stats tab keeps showing it."""
+        for warning in (engine.log_warning, engine.disk_problem):
+            if warning and warning not in self._warnings_shown:
+                self._warnings_shown.add(warning)
+                gr.Warning(warning)
 
     # --- the conversation in the visitor's browser ---
     def restore(self, saved: Any) -> tuple[History, str, dict[str, Any]]:

@@ -292,11 +292,11 @@ class Engine:
     def clear_cache(self) -> int:
         """Drop every cached run no request is using, from memory and disk (warm presets stay
         pinned). Returns how many runs went."""
-        return self._tree.clear()
+        return self._scheduler.call(self._tree.clear)
 
     def end_session(self, session_id: str) -> bool:
         """Free a session's own turns (a tab closed). Shared prefixes stay for other sessions."""
-        return self._tree.drop_owner(owner_of(session_id)) > 0
+        return self._scheduler.call(lambda: self._tree.drop_owner(owner_of(session_id))) > 0
 
     def has_session(self, session_id: str) -> bool:
         """Whether any of the session's own turns are cached."""
@@ -390,7 +390,7 @@ class Engine:
     def _expire_loop(self, ttl_s: float) -> None:
         """Drop conversations' own turns (memory and disk) idle for longer than `ttl_s`."""
         while not self._closed.wait(min(ttl_s / 4, 30.0)):
-            self._tree.drop_idle(ttl_s)
+            self._scheduler.call(lambda: self._tree.drop_idle(ttl_s))
 
     def _check_fits(self, prompt: Prompt, params: SamplingParams) -> None:
         """A request whose KV alone (prompt + the whole reply) exceeds the budget could never run."""

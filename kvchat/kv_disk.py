@@ -285,7 +285,8 @@ class DiskStore:
             record = replace(record, file_nbytes=final.stat().st_size)
             self._db["runs"].insert(_row(record, self.fingerprint), replace=True)
         except (OSError, sqlite3.Error) as err:
-            tmp.unlink(missing_ok=True)
+            for path in (tmp, final):  # nothing half-done stays: no file without its index row
+                path.unlink(missing_ok=True)
             if not any(p.startswith("cannot write") for p in self.problems):
                 self._problem(f"cannot write to {self.directory} ({getattr(err, 'strerror', None) or err}); "
                               "runs stay in memory only until it can")  # fmt: skip

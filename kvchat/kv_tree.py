@@ -185,6 +185,12 @@ class KVTree(Generic[P]):
         return self._disk_bytes
 
     @property
+    def writing_bytes(self) -> int:
+        """Memory bytes of nodes being written to disk: they cannot leave memory until written."""
+        with self._lock:
+            return sum(node.nbytes for node in self._walk() if node.disk == "writing")
+
+    @property
     def used_bytes(self) -> int:
         """Every byte held in memory: idle and in-use nodes plus running reservations."""
         with self._lock:

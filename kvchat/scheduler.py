@@ -32,8 +32,9 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -47,6 +48,8 @@ from kvchat.sampling import SamplingParams, next_token
 from kvchat.usage import CacheSource, FinishReason, Usage
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 CASCADE_MIN_TOKENS = 256  # shared runs shorter than this are copied into the request's buffer
 
@@ -141,6 +144,7 @@ class Scheduler:
         self._waiting: deque[Request] = deque()
         self._running: list[Request] = []
         self._wake = threading.Condition()
+        self._tasks: list[tuple[Callable[[], Any], Future[Any]]] = []
         self._closing = False
         self._thread = threading.Thread(target=self._loop, name="kvchat-scheduler", daemon=True)
         self._thread.start()
@@ -168,13 +172,34 @@ class Scheduler:
         self._thread.join()
 
     # --- the loop ---
+    def call(self, task: Callable[[], T]) -> T:
+        """Run `task` on the loop's thread between steps and return its result: changes to the tree
+        from other threads (ending a session, clearing, expiring) then never race an admission
+        that has matched nodes but not pinned them yet."""
+        done: Future[T] = Future()
+        with self._wake:
+            if self._closing or not self._thread.is_alive():
+                return task()  # nobody admits anymore
+            self._tasks.append((task, done))
+            self._wake.notify()
+        return done.result()
+
     def _loop(self) -> None:
         while True:
             with self._wake:
-                while not self._waiting and not self._running and not self._closing:
+                while not self._waiting and not self._running and not self._tasks and not self._closing:
                     self._wake.wait()
+                tasks, self._tasks = self._tasks, []
+            for task, done in tasks:
+                try:
+                    done.set_result(task())
+                except Exception as err:  # the caller gets it
+                    done.set_exception(err)
+            with self._wake:
                 if self._closing and not self._waiting and not self._running:
                     return
+                if not self._waiting and not self._running:
+                    continue
             try:
                 with torch.inference_mode():
                     self._step()
@@ -259,6 +284,8 @@ class Scheduler:
         if self._split_shared(request, match, owner):
             match = self.tree.match(request.scope, owners, ids, limit)
         for detach, inline in ((True, True), (True, False), (False, False)):  # cheapest to run first
+            if not detach and self.tree.writing_bytes:
+                return False  # runs being written free their memory within moments: wait, reuse more
             layout = self._plan(request, match, owner, detach, inline)
             if layout is not None:
                 break

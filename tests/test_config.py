@@ -1,6 +1,6 @@
 import pytest
 
-from kvchat.config import config_from_args, format_bytes, parse_bytes
+from kvchat.config import config_from_args, format_bytes, parse_bytes, parse_duration
 from kvchat.errors import InputError
 
 
@@ -37,3 +37,30 @@ def test_bad_values_are_input_errors():
         config_from_args(["--cache-budget", "huge"], environ={})
     with pytest.raises(InputError):
         config_from_args(["--auth", "nopassword"], environ={})
+
+
+def test_disk_tier_options_and_their_defaults(tmp_path):
+    home = tmp_path / "home"
+    config = config_from_args(["--home", str(home)], environ={})
+    assert config.disk_path == home / "disk" and config.disk_budget_bytes == 2 * 2**30
+    assert (config.persist_sessions, config.session_ttl_s, config.eviction) == (False, None, "lru")
+    env = {"KVCHAT_DISK_DIR": str(tmp_path / "d"), "KVCHAT_PERSIST_SESSIONS": "1", "KVCHAT_SESSION_TTL": "30m",
+           "KVCHAT_EVICTION": "gdsf", "KVCHAT_CACHE_BUDGET": "auto"}  # fmt: skip
+    config = config_from_args([], environ=env)
+    assert config.disk_path == tmp_path / "d" and config.persist_sessions and config.session_ttl_s == 1800
+    assert config.eviction == "gdsf" and config.cache_budget_bytes is None  # auto: sized at start
+    assert config_from_args(["--disk-budget", "0"], environ=env).disk_path is None  # the tier is off
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("90", 90), ("90s", 90), ("30m", 1800), ("2h", 7200), ("off", None)])
+def test_durations(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+def test_bad_disk_options_are_input_errors(tmp_path):
+    with pytest.raises(InputError, match="30m"):
+        config_from_args(["--session-ttl", "soon"], environ={})
+    with pytest.raises(InputError, match="does not exist"):
+        config_from_args(["--preset-file", str(tmp_path / "missing.md")], environ={})
+    with pytest.raises(SystemExit):  # argparse lists the policies
+        config_from_args(["--eviction", "random"], environ={})

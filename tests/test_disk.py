@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from kvchat.bench.workloads import filler_history
 from kvchat.engine import Engine
 from kvchat.errors import InputError
 from kvchat.kv_disk import DiskStore
@@ -83,9 +84,24 @@ def test_sessions_return_warm_from_disk_after_memory_pressure_evicted_them(tiny_
     assert engine.stats().demotions > 0
     replies = {name: engine.chat(name, messages, max_new_tokens=12) for name, messages in follow_ups.items()}
     engine.close()
-    assert replies["ann"].usage.cache_tier == "disk" and replies["ann"].usage.cache_source == "session"
+    for name, reply in replies.items():  # each came back from disk, though the one before it was still being written
+        assert (reply.usage.cache_tier, reply.usage.cache_source) == ("disk", "session"), name
     for name, messages in follow_ups.items():
         assert replies[name].text == reply_without_cache(tiny_loaded, messages), name
+
+
+def test_a_return_waits_for_a_write_in_flight_rather_than_recompute(tiny_loaded, tmp_path):
+    """The returning run needs the room of the run just finished, which is still being written
+    (so it cannot leave memory yet): the return must wait moments for the write, not recompute."""
+    engine = open_engine(tiny_loaded, tmp_path, budget=Engine(tiny_loaded, 2**20).bytes_per_token * 1600,
+                         persist_sessions=True)  # fmt: skip
+    history = filler_history(engine, 600)
+    for name in ("ann", "ben", "cid", "dot"):
+        engine.chat(name, history + [{"role": "user", "content": "First question?"}], max_new_tokens=16)
+    for name in ("ann", "ben", "cid", "dot"):
+        reply = engine.chat(name, history + [{"role": "user", "content": "Second question?"}], max_new_tokens=16)
+        assert reply.usage.cache_tier == "disk" and reply.usage.prefilled_tokens < 20, name
+    engine.close()
 
 
 def test_warm_presets_are_pinned_and_read_back_from_disk_after_a_restart(tiny_loaded, tmp_path):
@@ -203,7 +219,8 @@ def test_an_unwritable_directory_leaves_the_chat_working(tiny_loaded):
 CHILD = textwrap.dedent(
     """
     import resource, sys
-    from kvchat.engine import Engine
+    from kvchat.bench.workloads import filler_history
+from kvchat.engine import Engine
     from kvchat import models
     limit = int(sys.argv[3])
     if limit:
@@ -272,3 +289,17 @@ def test_the_fingerprint_is_the_weights_content_not_their_path(tiny_model_dir, t
     data[-1] ^= 1
     weights.write_bytes(bytes(data))
     assert weights_identity(copy) != weights_identity(tiny_model_dir)
+
+
+def test_session_ttl_expires_idle_conversations_in_both_tiers_but_keeps_system_prompts(tiny_loaded, tmp_path):
+    engine = open_engine(tiny_loaded, tmp_path, persist_sessions=True, session_ttl_s=0.3)
+    grown(engine, "alice")
+    assert engine.has_session("alice")
+    deadline = time.time() + 10
+    while engine.has_session("alice"):
+        assert time.time() < deadline, "the idle conversation was never expired"
+        time.sleep(0.1)
+    engine.flush_disk()
+    assert len(files_in(tmp_path)) == 1  # the system prompt stays
+    assert engine.chat("bob", conversation("Hi"), max_new_tokens=4).usage.cache_source == "prefix"
+    engine.close()

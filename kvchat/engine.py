@@ -396,11 +396,14 @@ class Engine:
         """A request whose KV alone (prompt + the whole reply) exceeds the budget could never run."""
         tokens = min(len(prompt.token_ids) + params.max_new_tokens, self.context_tokens)
         need = tokens * self.bytes_per_token
-        if need > self._tree.budget_bytes:
+        pinned = sum(node.nbytes for node in self._pinned)
+        room = self._tree.budget_bytes - pinned
+        if need > room:
+            beside = f" ({pinned / MIB:,.1f} MiB of it pinned by warm presets)" if pinned else ""
             raise InputError(
                 f"this request needs {need / MIB:,.1f} MiB of KV cache ({tokens} tokens, reply included) but the "
-                f"cache budget is {self._tree.budget_bytes / MIB:,.1f} MiB: raise --cache-budget, lower max new "
-                f"tokens, or shorten the conversation"
+                f"cache budget is {self._tree.budget_bytes / MIB:,.1f} MiB{beside}: raise --cache-budget, lower max "
+                f"new tokens, or shorten the conversation"
             )
 
     def _finish(self, request: Request, error: BaseException | None) -> None:

@@ -257,6 +257,13 @@ class Scheduler:
                 self._finish(request, "error", GenerationError(f"could not start: {err}", request.usage))
                 continue
             if not admitted:
+                if not self._running and not self.tree.writing_bytes:  # nothing will ever free room
+                    with self._wake:
+                        self._waiting.popleft()
+                    self._finish(request, "error", GenerationError(
+                        "this request does not fit the cache budget beside the pinned presets: raise "
+                        "--cache-budget, lower max new tokens, or shorten the conversation", request.usage))
+                    continue
                 return
             with self._wake:
                 self._waiting.popleft()
@@ -275,11 +282,11 @@ class Scheduler:
         owners = owners_for(request.session_id)
         limit = len(ids) if request.prefix_only else len(ids) - 1  # a reply needs one id fed
         while True:
-            match = self.tree.match(request.scope, owners, ids, limit)
-            promoted = self._promote(request, match)
-            if promoted is False:
+            found = self.tree.match(request.scope, owners, ids, limit)
+            match = self._promote(request, found)
+            if match is False:
                 return False
-            if promoted:
+            if match is not None:
                 break
         if self._split_shared(request, match, owner):
             match = self.tree.match(request.scope, owners, ids, limit)
@@ -319,22 +326,27 @@ class Scheduler:
         request.generator = torch.Generator().manual_seed(seed) if seed is not None else None
         return True
 
-    def _promote(self, request: Request, match: Match[KVRun]) -> bool | None:
-        """Read back the matched nodes whose KV is only on disk, root first. False: no room in
-        memory yet (wait); None: a file proved bad and its node is gone (match again)."""
+    def _promote(self, request: Request, match: Match[KVRun]) -> Match[KVRun] | bool | None:
+        """Read back the matched nodes whose KV is only on disk, root first; returns the match to
+        use. False: no room in memory yet (wait); None: a file proved bad and its node is gone
+        (match again). A node that cannot fit even when nothing else runs is not used: the match
+        ends before it and the request computes the rest."""
         in_memory = [node for node in match.nodes if node.in_memory]
         for node in match.on_disk_only:
             assert self.disk is not None, "a node on disk only without a disk tier"
             evicted = self.tree.make_room(node.nbytes, keep=[*match.nodes, *in_memory])
             if evicted is None:
-                return False
+                if self._running or self.tree.writing_bytes:
+                    return False
+                kept = match.nodes[: match.nodes.index(node)] if node in match.nodes else match.nodes
+                return Match(kept, sum(len(n.token_ids) for n in kept))
             request.evictions += evicted
             run = self.disk.load(node)
             if run is None:
                 return None
             self.tree.promote(node, run)
             request.usage.disk_tokens += match.partial_tokens if node is match.partial else len(node.token_ids)
-        return True
+        return match
 
     def _persist(self, node: Node[KVRun]) -> None:
         if self.disk is not None:

@@ -127,6 +127,17 @@ def test_presets_past_a_quarter_of_the_budget_are_warmed_but_not_pinned(tiny_loa
     engine.close()
 
 
+def test_a_request_that_fits_only_without_the_pins_is_refused_clearly(tiny_loaded):
+    engine = Engine(tiny_loaded, cache_budget_bytes=Engine(tiny_loaded, 2**20).bytes_per_token * 800)
+    for handle in engine.warm({"support": SYSTEM}):
+        handle.wait()
+    assert engine.warmups[0].pinned  # ~190 tokens: under a quarter of 800
+    with pytest.raises(InputError, match="pinned by warm presets"):
+        engine.stream("a", [{"role": "user", "content": "Hi"}], max_new_tokens=700)
+    assert engine.chat("a", [{"role": "user", "content": "Hi"}], max_new_tokens=8).usage.finish_reason
+    engine.close()
+
+
 def test_clear_cache_empties_memory_and_disk(tiny_loaded, tmp_path):
     engine = open_engine(tiny_loaded, tmp_path, persist_sessions=True)
     grown(engine, "alice")

@@ -283,7 +283,8 @@ def build_ui(holder: BackgroundEngine, config: Config) -> gr.Blocks:
                                                title="Time to first token, warm vs cold", height=260)  # fmt: skip
                 stats_timer = gr.Timer(2.0, active=False)
                 with gr.Row(visible=not config.share or bool(config.auth)):  # only the operator may clear
-                    clear_cache = gr.Button("Clear cache (memory and disk)", variant="secondary", scale=0)
+                    clear_cache = gr.Button("Clear cache (memory and disk)", variant="secondary", scale=0,
+                                            min_width=320)  # fmt: skip
                     cleared = gr.Markdown()
         saved = gr.BrowserState({"visitor": "", "history": []}, storage_key="kvchat-conversation",
                                 secret=browser_secret(config.home))  # fmt: skip

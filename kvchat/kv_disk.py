@@ -178,6 +178,7 @@ class DiskStore:
         try:
             self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
             handle = open(self.directory / "lock", "a+")  # noqa: SIM115 - held for the store's life
+            os.chmod(handle.fileno(), 0o600)
         except OSError as err:
             raise DiskUnavailable(f"cannot use {self.directory} for the disk cache ({err.strerror or err})") from err
         try:
@@ -196,7 +197,9 @@ class DiskStore:
         return handle
 
     def _open_index(self) -> sqlite_utils.Database:
-        conn = sqlite3.connect(self.directory / "index.db", check_same_thread=False, isolation_level=None)
+        path = self.directory / "index.db"
+        conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        path.chmod(0o600)  # it lists token ids: the owner's only, like the files
         db = sqlite_utils.Database(conn)
         try:
             db["runs"].create(

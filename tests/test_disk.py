@@ -68,7 +68,8 @@ def test_by_default_only_system_prompts_reach_the_disk_and_files_are_private(tin
     follow_up = grown(engine, "alice")
     engine.flush_disk()
     assert len(files_in(tmp_path)) == 1  # the system prompt; alice's turns stayed in memory
-    assert all(path.stat().st_mode & 0o077 == 0 for path in files_in(tmp_path))
+    private = [*files_in(tmp_path), *tmp_path.glob("*/index.db"), *tmp_path.glob("*/lock")]
+    assert len(private) == 3 and all(path.stat().st_mode & 0o077 == 0 for path in private)
     engine.close()
     engine = open_engine(tiny_loaded, tmp_path)
     reply = engine.chat("alice", follow_up, max_new_tokens=12)

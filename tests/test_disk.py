@@ -231,8 +231,7 @@ def test_an_unwritable_directory_leaves_the_chat_working(tiny_loaded):
 CHILD = textwrap.dedent(
     """
     import resource, sys
-    from kvchat.bench.workloads import filler_history
-from kvchat.engine import Engine
+    from kvchat.engine import Engine
     from kvchat import models
     limit = int(sys.argv[3])
     if limit:

@@ -301,9 +301,9 @@ class DiskStore:
     def _delete(self, key: str) -> None:
         with self._lock:
             self._records.pop(key, None)
-        try:
-            self._path(key).unlink(missing_ok=True)
+        try:  # the row first: a kill between the two leaves a valid file, listed again at start
             self._db["runs"].delete_where("key = ?", [key])
+            self._path(key).unlink(missing_ok=True)
         except (OSError, sqlite3.Error) as err:
             log.warning("disk cache: could not delete %s: %s", key, err)
 

@@ -277,7 +277,10 @@ def test_kill_9_in_the_middle_of_writing_leaves_a_clean_directory(tiny_model_dir
     process = child(tiny_model_dir, tmp_path, turns=2)
     out, _ = process.communicate(timeout=300)
     assert process.returncode == 0, out
-    assert out.count("REPLY") == 2 and "PROBLEMS 0" in out
+    assert out.count("REPLY") == 2  # every reply comes
+    # a kill can land between a file's rename and its index row, or mid-delete: either is tidied at
+    # start, at most one warning says so, and nothing half-written stays
+    assert "PROBLEMS 0" in out or "PROBLEMS 1" in out
     assert not list(tmp_path.glob("*/*.tmp"))
 
 

@@ -273,7 +273,8 @@ class KVTree(Generic[P]):
             if need <= 0:
                 return []
             kept = {id(node) for node in keep}
-            if self._evictable_bytes(kept) < need:
+            evictable = self._reachable_bytes(lambda n: not n.in_memory or _movable(n, kept), lambda n: n.in_memory)
+            if evictable < need:
                 self.refused += 1
                 return None
             evicted: list[Eviction] = []
@@ -292,7 +293,9 @@ class KVTree(Generic[P]):
             if need <= 0:
                 return []
             kept = {id(node) for node in keep}
-            if self._disk_droppable_bytes(kept) < need:
+            droppable = self._reachable_bytes(lambda n: id(n) not in kept and n.disk != "writing",
+                                              lambda n: n.disk == "stored")  # fmt: skip
+            if droppable < need:
                 return None
             evicted: list[Eviction] = []
             while need > 0:
@@ -465,32 +468,17 @@ class KVTree(Generic[P]):
             yield node
             stack.extend(node.children)
 
-    def _evictable_bytes(self, kept: set[int]) -> int:
-        """Memory bytes of nodes whose whole memory subtree can go (leaf-first eviction reaches them)."""
+    def _reachable_bytes(self, may_go: Callable[[Node[P]], bool], counted: Callable[[Node[P]], bool]) -> int:
+        """Bytes leaf-first eviction can reach: of `counted` nodes that may go and have nothing
+        below them that may not (a parent never goes before its children)."""
 
         def free_below(node: Node[P]) -> tuple[bool, int]:
-            if not node.in_memory:
-                return True, 0
-            free, total = _movable(node, kept), 0
+            free, total = may_go(node), 0
             for child in node.children:
                 child_free, child_bytes = free_below(child)
                 free &= child_free
                 total += child_bytes
-            return free, total + (node.nbytes if free else 0)
-
-        return sum(free_below(child)[1] for root in self._roots.values() for child in root.children)
-
-    def _disk_droppable_bytes(self, kept: set[int]) -> int:
-        """Bytes of disk copies that leaf-first dropping can reach (none above a kept or writing copy)."""
-
-        def free_below(node: Node[P]) -> tuple[bool, int]:
-            free = id(node) not in kept and node.disk != "writing"
-            total = 0
-            for child in node.children:
-                child_free, child_bytes = free_below(child)
-                free &= child_free
-                total += child_bytes
-            return free, total + (node.nbytes if free and node.disk == "stored" else 0)
+            return free, total + (node.nbytes if free and counted(node) else 0)
 
         return sum(free_below(child)[1] for root in self._roots.values() for child in root.children)
 

@@ -125,12 +125,8 @@ class Engine:
         self._salt = prefix_salt
         self._eos_ids = frozenset(_eos_ids(loaded))
         self.bytes_per_token = kv_storage.bytes_per_token(loaded.model, loaded.device, loaded.dtype)
-        try:
-            policy = policy_named(eviction)
-        except ValueError as err:
-            raise InputError(str(err)) from err
         self.eviction = eviction
-        self._tree: KVTree[KVRun] = KVTree(cache_budget_bytes, policy=policy)
+        self._tree: KVTree[KVRun] = KVTree(cache_budget_bytes, policy=policy_named(eviction))
         self._counts_lock = threading.Lock()
         self._requests = self._hits = self._prompt_tokens = self._cached_tokens = self._not_admitted = 0
         self.warmups: list[Warmup] = []
@@ -182,10 +178,7 @@ class Engine:
         the background. `cache_budget="auto"` sizes the memory tier from free memory."""
         disk_budget_bytes = parse_bytes(disk_budget)
         budget = None if str(cache_budget).strip().lower() == "auto" else parse_bytes(cache_budget)
-        try:
-            policy_named(eviction)
-        except ValueError as err:
-            raise InputError(str(err)) from err
+        policy_named(eviction)  # a bad name fails before the slow load
         loaded = models.load(model, device=device, dtype=dtype, home=home)
         if budget is None:
             budget, why = auto_budget_bytes(loaded.device)
@@ -270,7 +263,7 @@ class Engine:
         """Compute (or read back from disk) each preset's system prompt in the background, before
         any visitor needs it, and pin it in memory while pins stay under a quarter of the budget
         (beyond that it is warmed but may be evicted). Returns the warm-ups' handles."""
-        allowance = int(self._tree.budget_bytes * PIN_FRACTION) - sum(n.nbytes for n in self._pinned)
+        allowance = int(self._tree.budget_bytes * PIN_FRACTION) - self.pinned_bytes
         handles = []
         for title, text in presets.items():
             if not (text or "").strip():
@@ -324,7 +317,7 @@ class Engine:
             running_bytes=self._tree.running_bytes,
             shared_bytes=sum(e.nbytes for e in entries if e.kind != "session" and e.tier == "memory"),
             private_bytes=sum(e.nbytes for e in entries if e.kind == "session" and e.tier == "memory"),
-            pinned_bytes=sum(n.nbytes for n in self._pinned if n.in_memory),
+            pinned_bytes=self.pinned_bytes,
             demotions=self._tree.demotions,
             disk_budget_bytes=self._tree.disk_budget_bytes if self.disk else 0,
             disk_bytes=self._tree.disk_bytes,
@@ -335,6 +328,11 @@ class Engine:
             disk_problem=self.disk_problem,
             warmups=list(self.warmups),
         )
+
+    @property
+    def pinned_bytes(self) -> int:
+        """Bytes of warm presets pinned in memory for good (a pinned node never leaves memory)."""
+        return sum(node.nbytes for node in self._pinned)
 
     @property
     def disk_problem(self) -> str | None:
@@ -396,7 +394,7 @@ class Engine:
         """A request whose KV alone (prompt + the whole reply) exceeds the budget could never run."""
         tokens = min(len(prompt.token_ids) + params.max_new_tokens, self.context_tokens)
         need = tokens * self.bytes_per_token
-        pinned = sum(node.nbytes for node in self._pinned)
+        pinned = self.pinned_bytes
         room = self._tree.budget_bytes - pinned
         if need > room:
             beside = f" ({pinned / MIB:,.1f} MiB of it pinned by warm presets)" if pinned else ""
@@ -409,9 +407,10 @@ class Engine:
     def _finish(self, request: Request, error: BaseException | None) -> None:
         """Called by the scheduler when a request ends: counters, log, then wake the caller."""
         usage = request.usage
+        usage.total_ms = (time.perf_counter() - request.arrived) * 1000
         if request.prefix_only:  # a warm-up, not a visitor: no counters, no log row
             warmup: Warmup = request.warmup
-            warmup.done, warmup.ms, warmup.disk_tokens = error is None, _ms_since(request.arrived), usage.disk_tokens
+            warmup.done, warmup.ms, warmup.disk_tokens = error is None, usage.total_ms, usage.disk_tokens
             warmup.error = str(error or "")
             warmup.pinned = bool(request.pinned)
             self._pinned += request.pinned
@@ -421,7 +420,6 @@ class Engine:
         usage.cache_bytes = self._tree.used_bytes
         usage.budget_bytes = self._tree.budget_bytes
         usage.evictions = len(request.evictions)
-        usage.total_ms = (time.perf_counter() - request.arrived) * 1000
         with self._counts_lock:
             self._requests += 1
             self._hits += usage.cached_tokens > 0
@@ -449,10 +447,6 @@ def auto_budget_bytes(device: torch.device) -> tuple[int, str]:
         return int(free * 0.7), f"70% of {format_bytes(free)} free on {device}"
     available = psutil.virtual_memory().available
     return int(available * 0.5), f"half of {format_bytes(available)} available RAM"
-
-
-def _ms_since(start: float) -> float:
-    return (time.perf_counter() - start) * 1000
 
 
 def _eos_ids(loaded: models.LoadedModel) -> set[int]:

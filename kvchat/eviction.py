@@ -22,6 +22,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
+from kvchat.errors import InputError
+
 Priority = tuple[float, ...]
 
 ATTENTION_TOKENS = 1024.0
@@ -78,5 +80,5 @@ POLICIES: dict[str, Policy] = {"lru": lru, "lfu": lfu, "fifo": fifo, "lru-2": lr
 
 def policy_named(name: str) -> Policy:
     if name not in POLICIES:
-        raise ValueError(f"unknown eviction policy {name!r}: choose one of {', '.join(POLICIES)}")
+        raise InputError(f"unknown eviction policy {name!r}: choose one of {', '.join(POLICIES)}")
     return POLICIES[name]

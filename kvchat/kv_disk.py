@@ -238,13 +238,11 @@ class DiskStore:
                 continue
             self._records[key] = record
             self._db["runs"].insert(_row(record, self.fingerprint), replace=True)
-        orphans = [r.key for r in self._records.values() if r.parent_key and r.parent_key not in self._records]
-        while orphans:  # a run whose parent is gone can never be matched
-            for key in orphans:
+        while orphans := [r.key for r in self._records.values() if r.parent_key and r.parent_key not in self._records]:
+            for key in orphans:  # a run whose parent is gone can never be matched
                 self._records.pop(key)
                 self._db["runs"].delete(key)
                 self._path(key).unlink(missing_ok=True)
-            orphans = [r.key for r in self._records.values() if r.parent_key and r.parent_key not in self._records]
         if dropped:
             self._problem(f"{len(dropped)} cached file(s) in {self.directory} were incomplete, corrupt or foreign "
                           "and were removed (nothing wrong was served)")  # fmt: skip

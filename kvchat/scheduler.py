@@ -257,7 +257,7 @@ class Scheduler:
                 self._finish(request, "error", GenerationError(f"could not start: {err}", request.usage))
                 continue
             if not admitted:
-                if not self._running and not self.tree.writing_bytes:  # nothing will ever free room
+                if not self._room_may_come():
                     with self._wake:
                         self._waiting.popleft()
                     self._finish(request, "error", GenerationError(
@@ -331,12 +331,11 @@ class Scheduler:
         use. False: no room in memory yet (wait); None: a file proved bad and its node is gone
         (match again). A node that cannot fit even when nothing else runs is not used: the match
         ends before it and the request computes the rest."""
-        in_memory = [node for node in match.nodes if node.in_memory]
         for node in match.on_disk_only:
             assert self.disk is not None, "a node on disk only without a disk tier"
-            evicted = self.tree.make_room(node.nbytes, keep=[*match.nodes, *in_memory])
+            evicted = self.tree.make_room(node.nbytes, keep=match.nodes)
             if evicted is None:
-                if self._running or self.tree.writing_bytes:
+                if self._room_may_come():
                     return False
                 kept = match.nodes[: match.nodes.index(node)] if node in match.nodes else match.nodes
                 return Match(kept, sum(len(n.token_ids) for n in kept))
@@ -347,6 +346,10 @@ class Scheduler:
             self.tree.promote(node, run)
             request.usage.disk_tokens += match.partial_tokens if node is match.partial else len(node.token_ids)
         return match
+
+    def _room_may_come(self) -> bool:
+        """Whether waiting can free memory: running requests finish, runs being written may leave."""
+        return bool(self._running or self.tree.writing_bytes)
 
     def _persist(self, node: Node[KVRun]) -> None:
         if self.disk is not None:

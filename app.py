@@ -29,6 +29,11 @@ log = logging.getLogger("kvchat.app")
 
 LOAD_WAIT_S = 900  # a first start converts the bundled model; a request waits for it
 QUEUE_POLL_S = 0.5  # how often a queued visitor's place in line is refreshed
+# The conversation is saved by the page itself: a server round trip would queue behind busy visitors
+# and leave a window after each reply in which a reload loses it. The visitor id is read from the saved
+# value, since a gr.State never reaches the page.
+SAVE_JS = "(history, saved) => ({...saved, history: history || []})"
+CLEAR_JS = "(saved) => ({...saved, history: []})"
 ROLES = ("user", "assistant")
 History = list[dict[str, Any]]
 Yield = Iterator[tuple[History, str]]
@@ -156,8 +161,6 @@ class Handlers:
         history = [m for m in saved.get("history") or [] if isinstance(m, dict) and m.get("role") in ROLES]
         return history, visitor, {"visitor": visitor, "history": history}
 
-    def save(self, history: History, visitor: str) -> dict[str, Any]:
-        return {"visitor": visitor, "history": list(history or [])}
 
     def clear_cache(self) -> str:
         engine = self.holder.peek()
@@ -301,9 +304,9 @@ def build_ui(holder: BackgroundEngine, config: Config) -> gr.Blocks:
             chatbot.undo(handlers.undo, [chatbot], [chatbot, textbox], api_visibility="private"),
         ]
         stop.click(None, cancels=events[:-1])
-        for event in events:  # the browser keeps the conversation after every change
-            event.then(handlers.save, [chatbot, visitor], saved, api_visibility="private")
-        chatbot.clear(lambda visitor: {"visitor": visitor, "history": []}, visitor, saved, api_visibility="private")
+        for event in events:  # the browser keeps the conversation after every change, in the browser
+            event.then(None, [chatbot, saved], saved, js=SAVE_JS)
+        chatbot.clear(None, saved, saved, js=CLEAR_JS)
         demo.load(handlers.restore, saved, [chatbot, visitor, saved], api_visibility="private")
         clear_cache.click(handlers.clear_cache, outputs=cleared, api_visibility="private")
         preset.change(lambda name: presets.get(name, ""), preset, system_box, api_visibility="private")

@@ -62,6 +62,15 @@ def chat_once(page: Page, text: str, max_tokens: int) -> None:
     badges(page).first.wait_for(timeout=120_000)
 
 
+def chat_and_keep(page: Page, text: str, max_tokens: int) -> None:
+    """chat_once, then wait for the page to store the conversation (it does so as the reply ends;
+    a reload in the same instant could still beat it)."""
+    before = page.evaluate("localStorage.getItem('kvchat-conversation')")
+    chat_once(page, text, max_tokens)
+    page.wait_for_function("(before) => localStorage.getItem('kvchat-conversation') !== before", arg=before,
+                           timeout=10_000)  # fmt: skip
+
+
 def last_reply_length(page: Page) -> int:
     replies = page.locator(".bot.message")
     return len(replies.last.inner_text()) if replies.count() else 0
@@ -162,7 +171,7 @@ def test_two_tabs_stream_at_the_same_time(app, browser):
 
 
 def test_a_reload_keeps_the_conversation_and_continues_it_warm(page):
-    chat_once(page, "Name three planets.", 8)
+    chat_and_keep(page, "Name three planets.", 8)
     page.reload()
     page.get_by_text("✅").first.wait_for(timeout=60_000)
     page.get_by_text("Name three planets.").first.wait_for(timeout=30_000)  # kept by the browser
@@ -178,7 +187,7 @@ def test_after_an_app_restart_the_browser_continues_warm_from_disk(browser, tmp_
             page = context.new_page()
             page.goto(url)
             page.get_by_text("✅").first.wait_for(timeout=180_000)
-            chat_once(page, "Name three planets.", 8)
+            chat_and_keep(page, "Name three planets.", 8)
             page.close()
         with running_app(tmp_path, "--persist-sessions", port=port) as (url, _):
             page = context.new_page()

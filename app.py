@@ -21,7 +21,9 @@ import gradio as gr
 from kvchat import Busy, Engine, GenerationError, InputError
 from kvchat import stats as panel
 from kvchat.config import Config, config_from_args, format_bytes
+from kvchat.metrics import Metrics
 from kvchat.models import check_source, resolve_device, resolve_dtype
+from kvchat.openai_api import add_routes, model_id
 from kvchat.presets import load_presets
 from kvchat.startup import BackgroundEngine
 
@@ -116,7 +118,7 @@ class Handlers:
         try:
             generation = engine.stream(
                 _session_id(visitor, request), conversation(system_prompt, history),
-                max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, door="ui",
             )  # fmt: skip
         except Busy as err:  # an error, so API clients see it too; the typed text stays in the box
             raise gr.Error(str(err)) from err
@@ -348,14 +350,19 @@ def _stats_api(holder: BackgroundEngine):
 
 
 def launch(holder: BackgroundEngine, config: Config) -> tuple[gr.Blocks, str, str | None]:
-    """Build the UI and serve it without blocking; returns (demo, local URL, share URL or None)."""
+    """Build the UI and serve it without blocking, with the OpenAI-compatible API and /metrics on
+    the same server; returns (demo, local URL, share URL or None)."""
     demo = build_ui(holder, config)
     demo.queue(max_size=config.max_queue, default_concurrency_limit=4)
     auth = tuple(config.auth.split(":", 1)) if config.auth else None
-    _, local_url, share_url = demo.launch(
+    served_id = model_id(config.model)
+    metrics = Metrics(holder, served_id)
+    holder.on_ready(metrics.attach)
+    server, local_url, share_url = demo.launch(
         server_name=config.host, server_port=config.port, share=config.share, auth=auth,
         prevent_thread_lock=True, show_error=True, quiet=True,
     )  # fmt: skip
+    add_routes(server, holder, served_id, config.api_key, metrics.response)
     return demo, local_url, share_url
 
 
@@ -382,6 +389,11 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     demo, local_url, share_url = launch(holder, config)
     print(f"kvchat: serving at {local_url}", flush=True)
+    print(f"kvchat: OpenAI-compatible API at {local_url.rstrip('/')}/v1 (model {model_id(config.model)!r}), "
+          f"Prometheus metrics at {local_url.rstrip('/')}/metrics", flush=True)  # fmt: skip
+    if config.exposed and config.api_key is None:
+        print("kvchat: warning: the API and /metrics are open to anyone who can reach this server "
+              "(the --auth login guards only the page); set --api-key or KVCHAT_API_KEY", flush=True)  # fmt: skip
     if config.share:
         print(f"kvchat: public share link: {share_url}" if share_url else
               "kvchat: no share link could be made (Gradio could not reach its share service or fetch "

@@ -10,7 +10,7 @@ import argparse
 import os
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvchat.errors import InputError
@@ -80,7 +80,8 @@ class Config:
     host: str = "127.0.0.1"
     port: int = 7860
     share: bool = False
-    auth: str | None = None  # "user:password" for the Gradio login page
+    auth: str | None = field(default=None, repr=False)  # "user:password" for the Gradio login page
+    api_key: str | None = field(default=None, repr=False)  # required as "Authorization: Bearer" by /v1/* and /metrics when set
     max_queue: int = 64  # requests waiting in the engine's queue beyond this get "busy, try again"
     max_batch: int = 16  # requests decoded together in one forward
     home: Path = default_home()
@@ -90,6 +91,11 @@ class Config:
     persist_sessions: bool = False  # conversations' own turns go to disk too (off: system prompts only)
     session_ttl_s: float | None = None  # drop conversations' turns idle this long (None = never)
     preset_files: tuple[Path, ...] = ()
+
+    @property
+    def exposed(self) -> bool:
+        """Reachable by others than this machine's users: a share link or a non-loopback address."""
+        return self.share or self.host not in {"127.0.0.1", "localhost", "::1"}
 
     @property
     def disk_path(self) -> Path | None:
@@ -153,8 +159,11 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
     parser.add_argument("--port", type=int, default=int(env("PORT", "7860")), help="port [KVCHAT_PORT]")
     parser.add_argument("--share", action="store_true", default=_env_bool(env("SHARE")),
                         help="ask Gradio for a public share link [KVCHAT_SHARE]")
-    parser.add_argument("--auth", default=env("AUTH"),
+    parser.add_argument("--auth", default=None,  # like --api-key, never shown by --help
                         help="user:password required to open the app [KVCHAT_AUTH]")
+    parser.add_argument("--api-key", default=None,  # read from the environment later: --help must not show it
+                        help="key the OpenAI-compatible API (/v1/...) and /metrics require as 'Authorization: "
+                        "Bearer <key>'; set it before --share or --host 0.0.0.0 [KVCHAT_API_KEY]")
     parser.add_argument("--max-queue", type=int, default=int(env("MAX_QUEUE", "64")),
                         help="requests that may wait in the engine's queue; more get 'busy, try again' "
                         "[KVCHAT_MAX_QUEUE]")
@@ -169,6 +178,8 @@ def config_from_args(argv: Sequence[str] | None = None, environ: Mapping[str, st
     """Parse flags (falling back to KVCHAT_* variables). Bad values raise `InputError`."""
     args = build_parser(environ).parse_args(argv)
     usage_db = None if str(args.usage_db).strip().lower() in {"", "none", "off"} else args.usage_db
+    api_key = (args.api_key or environ.get(_ENV + "API_KEY") or "").strip() or None
+    args.auth = args.auth or environ.get(_ENV + "AUTH")
     if args.auth is not None and ":" not in args.auth:
         raise InputError("--auth must look like user:password")
     if not 0 < args.port < 65536:
@@ -195,6 +206,7 @@ def config_from_args(argv: Sequence[str] | None = None, environ: Mapping[str, st
         port=args.port,
         share=args.share,
         auth=args.auth,
+        api_key=api_key,
         max_queue=args.max_queue,
         max_batch=args.max_batch,
         home=Path(args.home).expanduser(),

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,7 @@ from kvchat.kv_tree import KVTree, Node, NodeInfo, owner_of
 from kvchat.prefix import fingerprint, scope_key
 from kvchat.sampling import SamplingParams
 from kvchat.scheduler import Request, Scheduler
-from kvchat.usage import Reply, Usage
+from kvchat.usage import Door, Reply, Usage
 from kvchat.usage_log import UsageLog, UsageSummary
 
 log = logging.getLogger(__name__)
@@ -130,6 +130,7 @@ class Engine:
         self._counts_lock = threading.Lock()
         self._requests = self._hits = self._prompt_tokens = self._cached_tokens = self._not_admitted = 0
         self.warmups: list[Warmup] = []
+        self._listeners: list[Callable[[Usage], None]] = []
         self._pinned: list[Node[KVRun]] = []
         self.disk: DiskTier | None = None
         self.disk_restored = 0  # runs found on disk at start
@@ -202,6 +203,8 @@ class Engine:
         top_p: float = 1.0,
         seed: int | None = None,
         cache_salt: str | None = None,
+        stop: Sequence[str] = (),
+        door: Door = "library",
     ) -> Generation:
         """Start a reply to the whole conversation `messages`. Bad input raises InputError here,
         before any work; iterate the result for text pieces, then read `.usage`.
@@ -209,7 +212,9 @@ class Engine:
         `session_id` None is a stateless request (an API client resending its history): it reuses
         what earlier stateless requests and system prompts left. A named session also reuses its own
         turns, which no other session can read. `cache_salt` scopes all sharing: requests share
-        cached KV only with the same salt (None: the engine's `prefix_salt`)."""
+        cached KV only with the same salt (None: the engine's `prefix_salt`). The reply ends where a
+        `stop` string first appears (the text streamed may run past it; callers cut it). `door` is
+        recorded in the usage log."""
         arrived_s, arrived = time.time(), time.perf_counter()
         if session_id is not None and (not isinstance(session_id, str) or not session_id.strip()):
             raise InputError("a session id must be a non-empty string (or None for a stateless request)")
@@ -217,7 +222,8 @@ class Engine:
             raise InputError(f"cache_salt must be a string, not {type(cache_salt).__name__}")
         salt = self._salt if cache_salt is None else cache_salt
         params = SamplingParams(
-            _whole(max_new_tokens, "max new tokens"), _number(temperature, "temperature"), _number(top_p, "top-p"), seed
+            _whole(max_new_tokens, "max new tokens"), _number(temperature, "temperature"), _number(top_p, "top-p"), seed,
+            (stop,) if isinstance(stop, str) else tuple(stop),
         )
         params.validate(self.context_tokens)
         prompt = self._template.encode(messages)
@@ -231,7 +237,7 @@ class Engine:
             raise Busy(f"busy: {self.max_waiting} requests are already waiting; try again in a moment")
         usage = Usage(
             ts=arrived_s, session=_opaque(session_id), model=self.model_name,
-            prompt_tokens=len(prompt.token_ids),
+            prompt_tokens=len(prompt.token_ids), door=door,
         )  # fmt: skip
         generation = Generation()
         scope = scope_key(self._fingerprint, salt)
@@ -244,6 +250,11 @@ class Engine:
         for _ in generation:
             pass
         return Reply(text=generation.text, usage=generation.wait())
+
+    def add_listener(self, listener: Callable[[Usage], None]) -> None:
+        """Call `listener` with each visitor request's final usage (metrics count from it). A listener
+        that fails is logged and never takes the reply down."""
+        self._listeners.append(listener)
 
     @property
     def budget_bytes(self) -> int:
@@ -433,6 +444,11 @@ class Engine:
                 )
             except Exception:  # the log is a side channel: it never takes a reply down
                 pass
+        for listener in self._listeners:
+            try:
+                listener(usage)
+            except Exception:  # a side channel too
+                log.exception("a usage listener failed")
         if error is not None and not isinstance(error, GenerationError):
             error = GenerationError(f"generation failed: {error}", usage)
         request.generation.finish(usage, error)

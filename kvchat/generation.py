@@ -7,9 +7,10 @@ While the request waits in the engine's queue, `ahead` says how many requests ar
 
 from __future__ import annotations
 
+import asyncio
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 from kvchat.usage import Usage
 
@@ -58,6 +59,10 @@ class Generation:
     def wait_admitted(self, timeout: float | None = None) -> bool:
         return self._started.wait(timeout)
 
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
     def cancel(self) -> None:
         self._cancel.set()
 
@@ -70,6 +75,25 @@ class Generation:
                 raise self.error
         finally:
             self._cancel.set()  # no-op when finished; stops the request when the caller left early
+
+    async def pieces(self, poll_s: float = 0.02) -> AsyncIterator[str]:
+        """The same pieces for asyncio callers (the HTTP API). It polls: a thread blocked per
+        stream would exhaust the event loop's small executor with a class of clients."""
+        try:
+            while True:
+                try:
+                    item = self._pieces.get_nowait()
+                except queue.Empty:
+                    await asyncio.sleep(poll_s)
+                    continue
+                if item is _END:
+                    break
+                yield item  # type: ignore[misc]
+            self._pieces.put(_END)
+            if self.error is not None:
+                raise self.error
+        finally:
+            self._cancel.set()  # a client gone mid-stream stops the request, as Stop does
 
     def wait(self, timeout: float | None = None) -> Usage:
         """Block until the request is done (it stops early if cancelled); re-raise its error."""

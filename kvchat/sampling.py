@@ -9,6 +9,8 @@ import torch
 
 from kvchat.errors import InputError
 
+MAX_STOPS = 4  # as OpenAI allows
+
 
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
@@ -16,6 +18,7 @@ class SamplingParams:
     temperature: float = 0.0  # 0 = greedy, bit-exact with `model.generate(do_sample=False)`
     top_p: float = 1.0
     seed: int | None = None  # fixes the sampled reply when temperature > 0
+    stop: tuple[str, ...] = ()  # the reply ends where one of these first appears (OpenAI's `stop`)
 
     def validate(self, context_tokens: int) -> None:
         if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool):
@@ -26,10 +29,19 @@ class SamplingParams:
             raise InputError("temperature must be 0 (greedy) or a positive number")
         if not math.isfinite(self.top_p) or not 0 < self.top_p <= 1:
             raise InputError("top-p must be greater than 0 and at most 1")
+        if len(self.stop) > MAX_STOPS or not all(isinstance(s, str) and s for s in self.stop):
+            raise InputError(f"stop takes up to {MAX_STOPS} non-empty strings")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def stop_at(text: str, stops: tuple[str, ...], since: int = 0) -> int | None:
+    """Where the reply ends: the index of the earliest stop string in `text` that ends after
+    `since` (the text already checked), or None."""
+    found = [i for s in stops if (i := text.find(s, max(0, since - len(s) + 1))) >= 0]
+    return min(found) if found else None
 
 
 def next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:

@@ -44,7 +44,7 @@ from kvchat.generation import Generation
 from kvchat.kv_disk import DiskTier
 from kvchat.kv_storage import KVRun, Row, RowBuffer, SegmentedForward
 from kvchat.kv_tree import SHARED, STATELESS, Eviction, KVTree, Match, Node, owner_of, owners_for
-from kvchat.sampling import SamplingParams, next_token
+from kvchat.sampling import SamplingParams, next_token, stop_at
 from kvchat.usage import CacheSource, FinishReason, Usage
 
 log = logging.getLogger(__name__)
@@ -490,7 +490,11 @@ class Scheduler:
         request.generation.token_ids.append(token)
         assert request.text is not None
         if piece := request.text.push(token):
+            before = len(request.generation.text)
             request.generation.emit(piece)
+            if params.stop and stop_at(request.generation.text, params.stop, before) is not None:
+                usage.new_tokens += 1
+                return self._finish(request, "stop")
         usage.new_tokens += 1
         total = len(request.prompt.token_ids) + usage.new_tokens
         if usage.new_tokens >= params.max_new_tokens or total >= self.context_tokens:

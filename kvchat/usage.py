@@ -15,6 +15,10 @@ CacheSource = Literal["session", "stateless", "prefix", "none"]
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 
+Door = Literal["ui", "api", "library"]
+"""How a request came in: the browser app, the OpenAI-compatible HTTP API, or Python code calling
+the engine directly (the bench, tests, a notebook)."""
+
 CacheTier = Literal["memory", "disk", "none"]
 """Where the reused KV was when the request arrived: all in memory, some read back from disk, none."""
 
@@ -41,6 +45,7 @@ class Usage:
     batch_size: float = 0.0  # mean requests per forward while it decoded (1 = alone)
     disk_tokens: int = 0  # of `cached_tokens`, those read back from the disk tier
     cache_tier: CacheTier = "none"
+    door: Door = "library"
 
     @property
     def prefilled_tokens(self) -> int:

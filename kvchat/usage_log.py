@@ -79,9 +79,14 @@ def m007_disk_tier(db: sqlite_utils.Database) -> None:
     db["evictions"].add_column("demoted", int, not_null_default=0)
 
 
+def m008_door(db: sqlite_utils.Database) -> None:
+    """Which door a request came through: ui, api or library ("" for rows from before)."""
+    db["requests"].add_column("door", str, not_null_default="")
+
+
 MIGRATIONS: Sequence[Callable[[sqlite_utils.Database], None]] = (
     m001_requests, m002_evictions, m003_message_text, m004_budget, m005_not_admitted, m006_batching,
-    m007_disk_tier,
+    m007_disk_tier, m008_door,
 )
 
 

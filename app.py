@@ -19,6 +19,7 @@ from typing import Any
 import gradio as gr
 
 from kvchat import Busy, Engine, GenerationError, InputError
+from kvchat import budget_map
 from kvchat import stats as panel
 from kvchat.config import Config, config_from_args, format_bytes
 from kvchat.metrics import Metrics
@@ -193,15 +194,16 @@ class Handlers:
         return text, gr.Timer(active=still_warming)
 
     def refresh_stats(self) -> tuple[Any, ...]:
-        """Panel text, entries, recent requests, then the three plots (from the usage log)."""
+        """Panel text, the budget map, entries, recent requests, then the three plots (from the usage log)."""
         engine = self.holder.peek()
         if engine is None:
-            return ("Model still loading…", [], [], *_EMPTY_PLOTS)
+            return ("Model still loading…", None, [], [], *_EMPTY_PLOTS)
         try:
             stats = engine.stats()
             timeline = engine.usage_timeline()
             return (
                 panel.panel_markdown(stats, engine.usage_summary(), engine.log_warning),
+                budget_map.figure(stats),
                 panel.entry_rows(stats),
                 panel.recent_rows(engine.recent_requests(10)),
                 panel.hit_rate_frame(timeline),
@@ -210,7 +212,7 @@ class Handlers:
             )
         except Exception as err:
             log.exception("stats panel failed")
-            return (f"Stats unavailable right now: {err}", [], [], *_EMPTY_PLOTS)
+            return (f"Stats unavailable right now: {err}", None, [], [], *_EMPTY_PLOTS)
 
 
 _EMPTY_PLOTS = (panel.hit_rate_frame([]), panel.bytes_frame([]), panel.ttft_frame([]))
@@ -275,6 +277,7 @@ def build_ui(holder: BackgroundEngine, config: Config) -> gr.Blocks:
                         top_p = gr.Slider(0.01, 1, value=1, step=0.01, label="Top-p")
             with gr.Tab("Cache stats") as stats_tab:
                 stats_md = gr.Markdown("Open this tab to see the cache at work.")
+                budget_plot = gr.Plot(label="Budget map (hover a block: tokens, hits, age)", show_label=False)
                 gr.Markdown("#### Cached entries (most recently used first)")
                 entries = gr.Dataframe(headers=panel.ENTRY_COLUMNS, interactive=False)
                 gr.Markdown("#### Recent requests (from the usage log)")
@@ -313,7 +316,7 @@ def build_ui(holder: BackgroundEngine, config: Config) -> gr.Blocks:
         clear_cache.click(handlers.clear_cache, outputs=cleared, api_visibility="private")
         preset.change(lambda name: presets.get(name, ""), preset, system_box, api_visibility="private")
         status_timer.tick(handlers.status, outputs=[status, status_timer], api_visibility="private")
-        stats_outputs = [stats_md, entries, recent, hit_plot, bytes_plot, ttft_plot]
+        stats_outputs = [stats_md, budget_plot, entries, recent, hit_plot, bytes_plot, ttft_plot]
         stats_timer.tick(handlers.refresh_stats, outputs=stats_outputs, api_visibility="private")
         stats_tab.select(handlers.refresh_stats, outputs=stats_outputs, api_visibility="private").then(
             lambda: gr.Timer(active=True), outputs=stats_timer, api_visibility="private"

@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from kvchat.eviction import policy_named
 from kvchat.generation import Generation
 from kvchat.kv_disk import FORMAT, DiskStore, DiskTier, DiskUnavailable
 from kvchat.kv_storage import KVRun, RowBuffer, SegmentedForward
-from kvchat.kv_tree import KVTree, Node, NodeInfo, owner_of
+from kvchat.kv_tree import KVTree, Node, NodeInfo, node_key, owner_of
 from kvchat.prefix import fingerprint, scope_key
 from kvchat.sampling import SamplingParams
 from kvchat.scheduler import Request, Scheduler
@@ -311,7 +311,8 @@ class Engine:
             requests, hits = self._requests, self._hits
             prompt_tokens, cached_tokens = self._prompt_tokens, self._cached_tokens
         running, waiting = self._scheduler.counts
-        entries = self._tree.entries()
+        presets = {node_key(node) for node in self._pinned}
+        entries = [replace(e, preset=True) if e.key in presets else e for e in self._tree.entries()]
         return CacheStats(
             budget_bytes=self._tree.budget_bytes,
             used_bytes=self._tree.used_bytes,

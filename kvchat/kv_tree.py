@@ -139,6 +139,9 @@ class NodeInfo:
     sessions: int  # distinct sessions (and the stateless crowd) under it
     tier: Tier  # where its KV is now (memory may also have a copy on disk)
     on_disk: bool  # a complete copy is on disk
+    parent_key: str = ""  # "" at the top of its scope
+    created_s: float = 0.0
+    preset: bool = False  # a warm preset pinned for good (set by the engine, which pinned it)
 
 
 class KVTree(Generic[P]):
@@ -302,7 +305,7 @@ class KVTree(Generic[P]):
                 leaf = self._lowest(n for n in self._walk() if n.disk == "stored" and _disk_leaf(n)
                                     and id(n) not in kept)  # fmt: skip
                 need -= leaf.nbytes
-                evicted.append(Eviction(_key(leaf), leaf.nbytes, len(leaf.token_ids), tier="disk"))
+                evicted.append(Eviction(node_key(leaf), leaf.nbytes, len(leaf.token_ids), tier="disk"))
                 if leaf.in_memory:
                     self._drop_disk_copy(leaf)
                 else:
@@ -456,8 +459,8 @@ class KVTree(Generic[P]):
             node.payload = None
             self._node_bytes -= node.nbytes
             self.demotions += 1
-            return Eviction(_key(node), node.nbytes, len(node.token_ids), demoted=True)
-        eviction = Eviction(_key(node), node.nbytes, len(node.token_ids))
+            return Eviction(node_key(node), node.nbytes, len(node.token_ids), demoted=True)
+        eviction = Eviction(node_key(node), node.nbytes, len(node.token_ids))
         self._unlink(node)
         return eviction
 
@@ -542,7 +545,7 @@ def _common_len(edge: tuple[int, ...], token_ids: Sequence[int], start: int, lim
     return n
 
 
-def _key(node: Node[P]) -> str:
+def node_key(node: Node[P]) -> str:
     """A short stable id for display and logs: never a session id."""
     return f"{node.kind}:{id(node) & 0xFFFFFF:06x}"
 
@@ -559,7 +562,9 @@ def _sessions_under(node: Node[P]) -> int:
 
 def _info(node: Node[P], sessions: int) -> NodeInfo:
     return NodeInfo(
-        kind=node.kind, key=_key(node), num_tokens=len(node.token_ids), depth_tokens=node.depth_tokens,
+        kind=node.kind, key=node_key(node), num_tokens=len(node.token_ids), depth_tokens=node.depth_tokens,
         nbytes=node.nbytes, hits=node.hits, pinned=node.pins > 0, last_used_s=node.last_used_s,
         sessions=sessions, tier="memory" if node.in_memory else "disk", on_disk=node.disk == "stored",
+        parent_key=node_key(node.parent) if node.parent is not None and node.parent.token_ids else "",
+        created_s=node.created_s,
     )  # fmt: skip

@@ -1,3 +1,4 @@
+from kvchat import budget_map
 from kvchat import stats as panel
 from kvchat.usage import Usage
 
@@ -24,3 +25,20 @@ def test_panel_shows_hit_rate_budget_and_history(tiny_engine):
     rows = panel.entry_rows(stats)
     assert sorted(r[0] for r in rows) == ["prefix", "session", "session"]
     assert len(panel.recent_rows(tiny_engine.recent_requests())) == 2
+
+
+def test_budget_map_blocks_add_up_to_the_budget_and_nest_sessions_in_their_prefix(tiny_engine):
+    system = {"role": "system", "content": "Be kind. " * 20}
+    for session, text in (("a", "Hi"), ("b", "Yo")):
+        tiny_engine.chat(session, [system, {"role": "user", "content": text}], max_new_tokens=3)
+    stats = tiny_engine.stats()
+    blocks = budget_map.blocks(stats)
+    assert sum(b.nbytes for b in blocks) == stats.budget_bytes  # the whole map is the budget
+    assert sum(b.nbytes for b in blocks if b.id not in ("free", "running")) == sum(
+        e.nbytes for e in stats.entries if e.tier == "memory")  # fmt: skip
+    by_id = {b.id: b for b in blocks}
+    sessions = [b for b in blocks if b.category == "session turns"]
+    assert len(sessions) == 2 and all(by_id[b.parent].category == "shared prefix" for b in sessions)
+    assert "2 session(s) under it" in by_id[sessions[0].parent].hover
+    figure = budget_map.figure(stats)
+    assert list(figure.data[0].values) == [b.nbytes for b in blocks]

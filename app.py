@@ -5,6 +5,11 @@
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the slow imports below: the launcher puts a page up first
+    from kvchat.cli import main
+
+    raise SystemExit(main())
+
 import logging
 import os
 import secrets
@@ -12,21 +17,24 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gradio as gr
 
-from kvchat import Busy, Engine, GenerationError, InputError
+from kvchat import Busy, GenerationError, InputError
 from kvchat import budget_map
 from kvchat import stats as panel
-from kvchat.config import Config, config_from_args, format_bytes
+from kvchat.config import Config, format_bytes
 from kvchat.metrics import Metrics
-from kvchat.models import check_source, resolve_device, resolve_dtype
 from kvchat.openai_api import add_routes, model_id
 from kvchat.presets import load_presets
 from kvchat.startup import BackgroundEngine
+
+if TYPE_CHECKING:
+    from kvchat.engine import Engine
+    from kvchat.first_page import FirstPage
 
 log = logging.getLogger("kvchat.app")
 
@@ -352,7 +360,8 @@ def _stats_api(holder: BackgroundEngine):
     return stats
 
 
-def launch(holder: BackgroundEngine, config: Config) -> tuple[gr.Blocks, str, str | None]:
+def launch(holder: BackgroundEngine, config: Config,
+           before_bind: Callable[[], None] | None = None) -> tuple[gr.Blocks, str, str | None]:  # fmt: skip
     """Build the UI and serve it without blocking, with the OpenAI-compatible API and /metrics on
     the same server; returns (demo, local URL, share URL or None)."""
     demo = build_ui(holder, config)
@@ -361,6 +370,8 @@ def launch(holder: BackgroundEngine, config: Config) -> tuple[gr.Blocks, str, st
     served_id = model_id(config.model)
     metrics = Metrics(holder, served_id)
     holder.on_ready(metrics.attach)
+    if before_bind is not None:
+        before_bind()
     server, local_url, share_url = demo.launch(
         server_name=config.host, server_port=config.port, share=config.share, auth=auth,
         prevent_thread_lock=True, show_error=True, quiet=True,
@@ -369,28 +380,10 @@ def launch(holder: BackgroundEngine, config: Config) -> tuple[gr.Blocks, str, st
     return demo, local_url, share_url
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        config = config_from_args(argv)
-        resolve_dtype(config.dtype, resolve_device(config.device))
-        if config.model:
-            check_source(config.model)
-    except InputError as err:
-        print(f"kvchat: {err}", file=sys.stderr)
-        return 2
-    holder = BackgroundEngine(
-        lambda: Engine.load(
-            model=config.model, device=config.device, dtype=config.dtype,
-            cache_budget="auto" if config.cache_budget_bytes is None else config.cache_budget_bytes,
-            usage_db=config.usage_db, store_text=config.store_text, prefix_salt=config.prefix_salt,
-            home=config.home, max_batch=config.max_batch, max_waiting=config.max_queue, eviction=config.eviction,
-            disk_dir=config.disk_path, disk_budget=config.disk_budget_bytes,
-            persist_sessions=config.persist_sessions, session_ttl_s=config.session_ttl_s,
-            presets=load_presets(extra=config.preset_files),
-        )
-    )  # fmt: skip
-    demo, local_url, share_url = launch(holder, config)
+def serve(holder: BackgroundEngine, config: Config, first_page: FirstPage | None = None) -> int:
+    """Serve until SIGTERM or Ctrl-C (exit 0) or until the model fails to load (exit 1). The launcher
+    (`kvchat.cli`) has started the engine loading and put up `first_page`, which yields the port."""
+    demo, local_url, share_url = launch(holder, config, before_bind=first_page.close if first_page else None)
     print(f"kvchat: serving at {local_url}", flush=True)
     print(f"kvchat: OpenAI-compatible API at {local_url.rstrip('/')}/v1 (model {model_id(config.model)!r}), "
           f"Prometheus metrics at {local_url.rstrip('/')}/metrics", flush=True)  # fmt: skip
@@ -419,7 +412,3 @@ def main(argv: list[str] | None = None) -> int:
 
 def _raise_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -62,6 +62,25 @@ def parse_duration(text: str) -> float | None:
     return float(match.group(1)) * _SECONDS[match.group(2) or "s"]
 
 
+def check_source(model: str) -> str:
+    """A local directory that exists, or something that looks like a hub id."""
+    path = Path(model).expanduser()
+    looks_local = model.startswith((".", "/", "~")) or path.exists()
+    if looks_local and not path.is_dir():
+        raise InputError(f"model directory {model!r} does not exist")
+    return str(path) if looks_local else model
+
+
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+def check_device_name(name: str) -> str:
+    """The spelling only; whether that device exists is found when the model loads."""
+    if not _DEVICE.match(name):
+        raise InputError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N")
+    return name
+
+
 def default_home() -> Path:
     """Where converted model weights are kept between starts."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
@@ -114,7 +133,7 @@ def _env_bool(value: str | None) -> bool:
 def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentParser:
     env = lambda name, default=None: environ.get(_ENV + name, default)
     parser = argparse.ArgumentParser(
-        prog="app.py",
+        prog=None,  # "app.py" or "kvchat", as started
         description="kvchat: a Gradio chat whose backend keeps and shares KV caches. "
         "Every option can also be set with the environment variable shown.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -193,6 +212,9 @@ def config_from_args(argv: Sequence[str] | None = None, environ: Mapping[str, st
     for path in preset_files:
         if not path.is_file():
             raise InputError(f"--preset-file {path} does not exist")
+    check_device_name(args.device)
+    if args.model:
+        check_source(args.model)
     auto = str(args.cache_budget).strip().lower() == "auto"
     return Config(
         model=args.model or None,

@@ -20,6 +20,7 @@ import torch
 import xxhash
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from kvchat.config import check_source
 from kvchat.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -157,12 +158,3 @@ def weights_identity(directory: Path) -> str:
         digest.update(path.name.encode() + b"\x00")
         digest.update(file_hash(path).encode())
     return f"weights:{digest.hexdigest()}"
-
-
-def check_source(model: str) -> str:
-    """A local directory that exists, or something that looks like a hub id."""
-    path = Path(model).expanduser()
-    looks_local = model.startswith((".", "/", "~")) or path.exists()
-    if looks_local and not path.is_dir():
-        raise InputError(f"model directory {model!r} does not exist")
-    return str(path) if looks_local else model

@@ -25,7 +25,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from kvchat.errors import Busy, GenerationError, InputError
-from kvchat.sampling import MAX_STOPS, stop_at
+from kvchat.stop_strings import MAX_STOPS, stop_at
 
 if TYPE_CHECKING:
     from kvchat.engine import Engine

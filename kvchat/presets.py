@@ -1,11 +1,18 @@
-"""System-prompt presets: one Markdown file each under assets/presets/, ordered by file name."""
+"""System-prompt presets: one Markdown file each under assets/presets/, ordered by file name.
+
+In a checkout (or `pip install -e .`) they are read from assets/presets/; `pip install .` copies
+them to <prefix>/share/kvchat/presets/.
+"""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-PRESETS_DIR = Path(__file__).resolve().parent.parent / "assets" / "presets"
+CHECKOUT_DIR = Path(__file__).resolve().parent.parent / "assets" / "presets"
+INSTALLED_DIR = Path(sys.prefix) / "share" / "kvchat" / "presets"
+PRESETS_DIR = CHECKOUT_DIR if CHECKOUT_DIR.is_dir() else INSTALLED_DIR
 
 
 def title_of(path: Path) -> str:

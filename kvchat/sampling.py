@@ -8,8 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from kvchat.errors import InputError
-
-MAX_STOPS = 4  # as OpenAI allows
+from kvchat.stop_strings import MAX_STOPS
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,13 +34,6 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
-
-
-def stop_at(text: str, stops: tuple[str, ...], since: int = 0) -> int | None:
-    """Where the reply ends: the index of the earliest stop string in `text` that ends after
-    `since` (the text already checked), or None."""
-    found = [i for s in stops if (i := text.find(s, max(0, since - len(s) + 1))) >= 0]
-    return min(found) if found else None
 
 
 def next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:

@@ -44,7 +44,8 @@ from kvchat.generation import Generation
 from kvchat.kv_disk import DiskTier
 from kvchat.kv_storage import KVRun, Row, RowBuffer, SegmentedForward
 from kvchat.kv_tree import SHARED, STATELESS, Eviction, KVTree, Match, Node, owner_of, owners_for
-from kvchat.sampling import SamplingParams, next_token, stop_at
+from kvchat.sampling import SamplingParams, next_token
+from kvchat.stop_strings import stop_at
 from kvchat.usage import CacheSource, FinishReason, Usage
 
 log = logging.getLogger(__name__)

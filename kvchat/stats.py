@@ -7,13 +7,16 @@ Pure formatting: no model, no Gradio. Live numbers come from `CacheStats`, histo
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
 from kvchat.config import format_bytes
-from kvchat.engine import CacheStats, Warmup
 from kvchat.usage import CacheSource, Usage
-from kvchat.usage_log import UsageSummary
+
+if TYPE_CHECKING:
+    from kvchat.engine import CacheStats, Warmup
+    from kvchat.usage_log import UsageSummary
 
 SOURCE_WORDS: dict[CacheSource, str] = {
     "session": "this session", "stateless": "earlier stateless requests", "prefix": "shared prefix", "none": "none",

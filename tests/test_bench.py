@@ -34,7 +34,8 @@ def bench(tiny_loaded):
 
 
 def test_quick_bench_on_the_tiny_model_writes_consistent_results(tiny_loaded, tmp_path):
-    results = run(tiny_loaded, TINY, peers=["llama-cpp"], quick=True, startup=lambda: 1.5, out=tmp_path)
+    results = run(tiny_loaded, TINY, peers=["llama-cpp"], quick=True, out=tmp_path,
+                  startup_times=lambda: {"startup_s": 1.5, "first_page_s": 0.2, "app_page_s": 6.0, "app_ready_s": 9.0})
     written = report.write_all(tmp_path, results)
     assert [p.name for p in written] == ["results.json", "results.md", "ttft.png", "policies.png"]
     loaded = json.loads((tmp_path / "results.json").read_text())

@@ -8,9 +8,6 @@ from __future__ import annotations
 import importlib.util
 import platform
 import resource
-import subprocess
-import sys
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,7 +16,7 @@ from typing import Any
 import torch
 
 from kvchat import kv_storage
-from kvchat.bench import crowd, policies, report, systems, tiers, workloads
+from kvchat.bench import crowd, policies, report, startup, systems, tiers, workloads
 from kvchat.bench.meter import ModelMeter
 from kvchat.engine import Engine
 from kvchat.eviction import POLICIES
@@ -99,7 +96,7 @@ def make_peers(engine: Engine, wanted: list[str], gguf: str | None) -> tuple[lis
 
 
 def run(loaded: LoadedModel, plan: Plan, peers: list[str], quick: bool, budget_bytes: int = 2**30,
-        gguf: str | None = None, startup: Callable[[], float | None] = lambda: None,
+        gguf: str | None = None, startup_times: Callable[[], dict[str, float | None]] = dict,
         out: Path | None = None) -> dict[str, Any]:  # fmt: skip
     """Run every workload on every system; returns what results.json holds."""
     from tqdm.auto import tqdm
@@ -152,30 +149,19 @@ def run(loaded: LoadedModel, plan: Plan, peers: list[str], quick: bool, budget_b
         for other in (engine, pressure.engine, capacity_engine):
             other.close()
     visitors = crowd.summary(found.get("crowds", []))
+    times = startup_times()
     return {
         "quick": quick, "machine": machine(), "model": loaded.name, "device": str(loaded.device),
         "dtype": str(loaded.dtype).removeprefix("torch."), "plan": asdict(plan), "skipped": skipped,
-        "summary": report.summarize(bench.rows, list(plan.points), startup(), visitors, found.get("kept"),
+        "summary": report.summarize(bench.rows, list(plan.points), times, visitors, found.get("kept"),
                                     policies.best_gain(found.get("policies"))),
-        "visitors": visitors, "restart": found.get("restart"), "presets": found.get("presets"),
+        "startup": times, "visitors": visitors, "restart": found.get("restart"), "presets": found.get("presets"),
         "policies": found.get("policies"),
         "flagged": report.flagged(bench.rows), "groups": report.groups(bench.rows),
         "rows": [r.as_dict() for r in bench.rows], "peak_rss_mib": rss,
     }  # fmt: skip
 
 
-def measure_startup(model: str | None, device: str, dtype: str) -> float:
-    """Seconds from a fresh interpreter to a ready engine; the second of two starts (the first may
-    convert the bundled model)."""
-    code = (
-        "import time; t = time.perf_counter(); from kvchat import Engine; "
-        f"Engine.load(model={model!r}, device={device!r}, dtype={dtype!r}, usage_db=None); "
-        "print(time.perf_counter() - t)"
-    )
-    root = Path(__file__).resolve().parents[2]
-    seconds = 0.0
-    for _ in range(2):
-        started = time.perf_counter()
-        subprocess.run([sys.executable, "-c", code], cwd=root, check=True, capture_output=True)
-        seconds = time.perf_counter() - started
-    return seconds
+def measure_startup(model: str | None, device: str, dtype: str) -> dict[str, float | None]:
+    """The engine alone (`startup_s`), then the whole app: first page, Gradio page, model ready."""
+    return {"startup_s": startup.engine_startup_s(model, device, dtype), **startup.app_startup_s(model, device, dtype)}

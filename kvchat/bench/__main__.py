@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     loaded = models.load(args.model, device=args.device, dtype=args.dtype)
     gguf = str(models.bundled_gguf()) if args.model is None else None
     results = run(loaded, QUICK if args.quick else FULL, peers, quick=args.quick, gguf=gguf,
-                  startup=lambda: measure_startup(args.model, args.device, args.dtype),
+                  startup_times=lambda: measure_startup(args.model, args.device, args.dtype),
                   out=Path(args.out))  # fmt: skip
     out = Path(args.out)
     written = report.write_all(out, results)

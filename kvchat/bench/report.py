@@ -16,7 +16,7 @@ TARGETS = {  # (comparison, bound) from the issues; measured, never asserted in 
     "speedup_followup_2k": (">=", 20), "floor_ratio_followup_2k": ("<=", 1.2), "speedup_shared_prefix": (">=", 12),
     "decode_ratio": (">=", 0.95), "hit_ratio_vs_oracle": (">=", 0.99), "cached_tokens_mismatches": ("==", 0),
     "budget_violations": ("==", 0), "peak_held_over_budget": ("<=", 1.0), "exact_match": ("==", 1.0),
-    "startup_s": ("<=", 5), "ttft_growth_500_4000": ("<=", 1.5), "decode_flatness_512_32": (">=", 0.95),
+    "startup_s": ("<=", 5), "first_page_s": ("<=", 3), "app_ready_s": ("<=", 5), "ttft_growth_500_4000": ("<=", 1.5), "decode_flatness_512_32": (">=", 0.95),
     "throughput_8_visitors": (">=", 4), "ttft_p95_8_visitors": ("<=", 5), "sessions_kept_256mib": (">=", 0.9),
     "batched_exact": (">=", 0.95), "visitors_8_over_llama_cpp": (">=", 1),
     "restart_speedup_2k": (">=", 8), "disk_vs_memory_2k": ("<=", 1.5), "restart_exact": ("==", 1.0),
@@ -46,7 +46,7 @@ def ttfts(rows: list[Row], workload: str, system: str, point: str | None = None)
     return [r.ttft_ms for r in rows if r.workload == workload and r.system == system and point in (None, r.point)]
 
 
-def summarize(rows: list[Row], points: list[int], startup_s: float | None, visitors: dict[str, Any] | None = None,
+def summarize(rows: list[Row], points: list[int], startup: dict[str, float | None], visitors: dict[str, Any] | None = None,
               sessions_kept: float | None = None, policy_gain: float | None = None) -> dict[str, float | None]:  # fmt: skip
     """The summary keys. 'followup_2k' is the history point nearest 2,000 tokens, and
     'growth_500_4000' is the largest point over the smallest (500 and 4,000 in the real runs).
@@ -75,7 +75,9 @@ def summarize(rows: list[Row], points: list[int], startup_s: float | None, visit
         "budget_violations": sum(r.budget_violations or 0 for r in kvchat_rows),
         "peak_held_over_budget": max(peaks) if peaks else None,
         "exact_match": sum(exact) / len(exact) if exact else None,
-        "startup_s": startup_s,
+        "startup_s": startup.get("startup_s"),
+        "first_page_s": startup.get("first_page_s"),
+        "app_ready_s": startup.get("app_ready_s"),
         "ttft_growth_500_4000": _ratio(_median(ttfts(rows, "multi_turn", "kvchat", str(max(points)))),
                                        _median(ttfts(rows, "multi_turn", "kvchat", str(min(points))))),  # fmt: skip
         "decode_flatness_512_32": _ratio(flatness("kvchat"), flatness("recompute")),
@@ -173,6 +175,12 @@ def write_markdown(path: Path, results: dict[str, Any]) -> None:
     for key, value in results["summary"].items():
         op, bound = TARGETS[key]
         lines.append(f"| `{key}` | {_fmt(value, 3)} | {op} {bound} | {met(key, value)} |")
+    times = results.get("startup") or {}
+    if times.get("app_page_s") is not None:
+        lines += ["", f"Start (the second of two, fresh interpreter): `python app.py` answers with its starting page "
+                      f"after {_fmt(times.get('first_page_s'), 2)} s, serves the Gradio page after "
+                      f"{_fmt(times.get('app_page_s'), 2)} s, has the model ready after "
+                      f"{_fmt(times.get('app_ready_s'), 2)} s; the engine alone takes {_fmt(times.get('startup_s'), 2)} s."]
     if results["skipped"]:
         lines += ["", "Skipped peers: " + "; ".join(f"{k}: {v}" for k, v in results["skipped"].items())]
     lines += ["", "kvchat's reuse (prefilled, hit, vs oracle) is counted at the model's forward; held bytes are "

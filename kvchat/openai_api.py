@@ -35,7 +35,8 @@ if TYPE_CHECKING:
 
 BUNDLED_ID = "SmolLM2-135M-Instruct"
 DEFAULT_MAX_TOKENS = 512  # when a request names none (OpenAI's own default is "up to the context")
-DISCONNECT_POLL_S = 0.5
+DONE_POLL_S = 0.02  # how soon a finished reply is sent
+DISCONNECT_POLL_S = 0.5  # how soon a client that hung up is noticed
 ROLES = {"system", "developer", "user", "assistant"}
 # Fields that change what the reply means; refused unless set to their no-op value.
 UNSUPPORTED = {
@@ -346,11 +347,14 @@ def _start(engine: Engine, chat: ChatRequest) -> Generation:
 async def _complete(request: Request, generation: Generation, reply: _Reply) -> Response:
     """Wait for the whole reply; a client that hangs up stops the request."""
     try:
+        checked = time.monotonic()
         while not generation.done:
-            await asyncio.sleep(DISCONNECT_POLL_S if generation.waiting else 0.05)
-            if await request.is_disconnected():
-                generation.cancel()
-                return Response(status_code=499)
+            await asyncio.sleep(DONE_POLL_S)
+            if time.monotonic() - checked >= DISCONNECT_POLL_S:
+                checked = time.monotonic()
+                if await request.is_disconnected():
+                    generation.cancel()
+                    return Response(status_code=499)
         usage = generation.wait()
     except GenerationError as err:
         return APIError(500, str(err), kind="server_error").response()
@@ -361,19 +365,22 @@ async def _complete(request: Request, generation: Generation, reply: _Reply) -> 
 async def _stream(generation: Generation, reply: _Reply, include_usage: bool) -> AsyncIterator[str]:
     """Server-sent events: a role chunk, content chunks, a finish chunk, the usage chunk when asked,
     then [DONE]. Leaving early (the client closed the stream) cancels the request."""
-    yield reply.chunk({"role": "assistant", "content": ""}, with_usage=include_usage)
     try:
-        async for piece in generation.pieces():
-            if text := reply.add(piece):
-                yield reply.chunk({"content": text}, with_usage=include_usage)
-    except GenerationError as err:
-        yield _event(APIError(500, str(err), kind="server_error").body())
+        yield reply.chunk({"role": "assistant", "content": ""}, with_usage=include_usage)
+        try:
+            async for piece in generation.pieces():
+                if text := reply.add(piece):
+                    yield reply.chunk({"content": text}, with_usage=include_usage)
+        except GenerationError as err:
+            yield _event(APIError(500, str(err), kind="server_error").body())
+            yield "data: [DONE]\n\n"
+            return
+        usage = generation.wait()
+        if text := reply.rest():
+            yield reply.chunk({"content": text}, with_usage=include_usage)
+        yield reply.chunk({}, _finish_reason(usage), with_usage=include_usage)
+        if include_usage:
+            yield reply.usage_chunk(usage)
         yield "data: [DONE]\n\n"
-        return
-    usage = generation.wait()
-    if text := reply.rest():
-        yield reply.chunk({"content": text}, with_usage=include_usage)
-    yield reply.chunk({}, _finish_reason(usage), with_usage=include_usage)
-    if include_usage:
-        yield reply.usage_chunk(usage)
-    yield "data: [DONE]\n\n"
+    finally:
+        generation.cancel()  # a client gone before the first piece, too (a no-op once finished)

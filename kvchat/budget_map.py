@@ -1,9 +1,11 @@
 """The budget map: every byte of the memory budget as a treemap block, so a person sees at a glance
 what the cache holds and who shares what.
 
-The whole map is the budget. A cached run is a block whose area is its bytes, nested inside the run
-it continues (a conversation's turns inside the system prompt they share); running requests' private
-buffers and the free space are blocks of their own. Pure: engine stats in, a Plotly figure out.
+The map is what the budget holds (the title says how much of the budget that is): a cached run is a
+block whose area is its bytes, nested inside the run it continues (a conversation's turns inside the
+system prompt they share); running requests' private buffers are a block of their own. Free space
+is left out of the picture: on a roomy budget it would shrink everything else to slivers. Pure:
+engine stats in, a Plotly figure out.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ ROOT = "budget"
 COLOURS = {
     "shared prefix": "#4C78A8", "stateless turns": "#72B7B2", "session turns": "#F58518",
     "in use by a request": "#E45756", "pinned preset": "#9467BD", "running buffers": "#FF9DA6",
-    "free": "#E8E8E8", ROOT: "#FFFFFF",
+    ROOT: "#FFFFFF",
 }  # fmt: skip
 KIND_WORDS = {"prefix": "shared prefix", "stateless": "stateless turns", "session": "session turns"}
 
@@ -48,13 +50,13 @@ def category(entry: NodeInfo) -> str:
 
 
 def blocks(stats: CacheStats, now_s: float | None = None) -> list[Block]:
-    """The budget as blocks: cached runs in memory (nested by the run they continue), running
-    buffers, free space. Their bytes add up to the budget (or to what is held, if over it)."""
+    """What the budget holds as blocks: cached runs in memory (nested by the run they continue) and
+    running buffers. Their bytes add up to what is held."""
     now_s = time.time() if now_s is None else now_s
     memory = [e for e in stats.entries if e.tier == "memory"]
     ids = {e.key for e in memory}
-    out = [Block(ROOT, "", f"KV budget {format_bytes(stats.budget_bytes)}", ROOT, 0,
-                 f"{format_bytes(stats.used_bytes)} held of {format_bytes(stats.budget_bytes)}")]  # fmt: skip
+    out = [Block(ROOT, "", f"{format_bytes(stats.used_bytes)} held", ROOT, 0,
+                 f"{format_bytes(stats.used_bytes)} held of a {format_bytes(stats.budget_bytes)} budget")]  # fmt: skip
     for e in memory:
         kind = category(e)
         out.append(Block(
@@ -69,9 +71,6 @@ def blocks(stats: CacheStats, now_s: float | None = None) -> list[Block]:
         out.append(Block("running", ROOT, "running buffers", "running buffers", stats.running_bytes,
                          f"private buffers of {stats.running} running request(s): "
                          f"{format_bytes(stats.running_bytes)}"))  # fmt: skip
-    free = stats.budget_bytes - stats.used_bytes
-    if free > 0:
-        out.append(Block("free", ROOT, "free", "free", free, f"free: {format_bytes(free)}"))
     return out
 
 
@@ -94,9 +93,16 @@ def figure(stats: CacheStats, now_s: float | None = None) -> go.Figure:
     fig.update_layout(
         margin={"t": 30, "l": 5, "r": 5, "b": 5}, height=380, showlegend=True, uirevision="budget-map",
         legend={"orientation": "h", "y": -0.02}, xaxis={"visible": False}, yaxis={"visible": False},
-        plot_bgcolor="rgba(0,0,0,0)", title={"text": "Budget map: area = bytes", "font": {"size": 14}},
+        plot_bgcolor="rgba(0,0,0,0)", title={"text": title(stats), "font": {"size": 14}},
     )  # fmt: skip
     return fig
+
+
+def title(stats: CacheStats) -> str:
+    share = stats.used_bytes / stats.budget_bytes if stats.budget_bytes else 0.0
+    free = max(0, stats.budget_bytes - stats.used_bytes)
+    return (f"Budget map: {format_bytes(stats.used_bytes)} held of {format_bytes(stats.budget_bytes)} ({share:.0%}), "
+            f"{format_bytes(free)} free · area = bytes · click a block to zoom")
 
 
 def _ago(seconds: float) -> str:

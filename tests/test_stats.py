@@ -27,14 +27,14 @@ def test_panel_shows_hit_rate_budget_and_history(tiny_engine):
     assert len(panel.recent_rows(tiny_engine.recent_requests())) == 2
 
 
-def test_budget_map_blocks_add_up_to_the_budget_and_nest_sessions_in_their_prefix(tiny_engine):
+def test_budget_map_blocks_add_up_to_what_is_held_and_nest_sessions_in_their_prefix(tiny_engine):
     system = {"role": "system", "content": "Be kind. " * 20}
     for session, text in (("a", "Hi"), ("b", "Yo")):
         tiny_engine.chat(session, [system, {"role": "user", "content": text}], max_new_tokens=3)
     stats = tiny_engine.stats()
     blocks = budget_map.blocks(stats)
-    assert sum(b.nbytes for b in blocks) == stats.budget_bytes  # the whole map is the budget
-    assert sum(b.nbytes for b in blocks if b.id not in ("free", "running")) == sum(
+    assert sum(b.nbytes for b in blocks) == stats.used_bytes  # the map is what the budget holds
+    assert sum(b.nbytes for b in blocks if b.id != "running") == sum(
         e.nbytes for e in stats.entries if e.tier == "memory")  # fmt: skip
     by_id = {b.id: b for b in blocks}
     sessions = [b for b in blocks if b.category == "session turns"]
@@ -42,3 +42,4 @@ def test_budget_map_blocks_add_up_to_the_budget_and_nest_sessions_in_their_prefi
     assert "2 session(s) under it" in by_id[sessions[0].parent].hover
     figure = budget_map.figure(stats)
     assert list(figure.data[0].values) == [b.nbytes for b in blocks]
+    assert "of 64.0 MiB" in figure.layout.title.text and "free" in figure.layout.title.text

@@ -216,6 +216,16 @@ def test_sampling_with_a_seed_is_reproducible(tiny_engine):
     assert tiny_engine.chat("a", messages, **settings).text == tiny_engine.chat("b", messages, **settings).text
 
 
+def test_a_stop_string_ends_the_reply_where_it_first_appears(tiny_engine):
+    messages = [user("Count for me.")]
+    whole = tiny_engine.chat(None, messages, max_new_tokens=24)
+    assert whole.usage.finish_reason == "length" and len(whole.text) > 8
+    stop = whole.text[4:7]
+    cut = tiny_engine.chat(None, messages, max_new_tokens=24, stop=[stop])
+    assert cut.usage.finish_reason == "stop" and cut.usage.new_tokens < whole.usage.new_tokens
+    assert whole.text.startswith(cut.text) and cut.text.find(stop) == whole.text.find(stop)  # at its first place
+
+
 def test_every_request_is_logged_without_its_text(tiny_engine, usage_db):
     import sqlite_utils
 

@@ -1,14 +1,17 @@
 """The app in a real browser (Debian's chromium driven by Playwright), on the bundled model."""
 
 import shutil
+import subprocess
+import sys
 import time
+import urllib.request
 
 import pytest
 import sqlite_utils
 from gradio_client import Client
 from playwright.sync_api import Page, sync_playwright
 
-from test_app import free_port, running_app
+from test_app import ROOT, free_port, running_app, stop_app
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
@@ -187,6 +190,33 @@ def test_a_reload_keeps_the_conversation_and_continues_it_warm(page):
     page.get_by_text("Name three planets.").first.wait_for(timeout=30_000)  # kept by the browser
     chat_once(page, "And three moons?", 8)
     page.get_by_text("reused from this session").first.wait_for(timeout=120_000)
+
+
+def test_the_starting_page_turns_into_the_app_by_itself(browser, tmp_path, bundled_dir):
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--usage-db", "none", "--disk-dir",
+                                str(tmp_path / "disk")], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    page = browser.new_page()
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        deadline = time.time() + 60
+        while not page_answers(url) and time.time() < deadline:
+            time.sleep(0.05)
+        page.goto(url)  # Gradio takes seconds to import: this is the starting page
+        assert page.title() == "kvchat: starting" and page.get_by_text("Loading model…").first.is_visible()
+        page.get_by_text("✅").first.wait_for(timeout=180_000)  # the same tab, never reloaded by the test
+        assert page.title() == "kvchat"
+    finally:
+        page.close()
+        stop_app(process)
+
+
+def page_answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2):
+            return True
+    except OSError:
+        return False
 
 
 def test_after_an_app_restart_the_browser_continues_warm_from_disk(browser, tmp_path, bundled_dir):

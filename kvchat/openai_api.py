@@ -37,6 +37,7 @@ BUNDLED_ID = "SmolLM2-135M-Instruct"
 DEFAULT_MAX_TOKENS = 512  # when a request names none (OpenAI's own default is "up to the context")
 DONE_POLL_S = 0.02  # how soon a finished reply is sent
 DISCONNECT_POLL_S = 0.5  # how soon a client that hung up is noticed
+KEEPALIVE_S = 5.0  # a streamed request waiting in the queue sends a comment this often
 ROLES = {"system", "developer", "user", "assistant"}
 # Fields that change what the reply means; refused unless set to their no-op value.
 UNSUPPORTED = {
@@ -367,6 +368,13 @@ async def _stream(generation: Generation, reply: _Reply, include_usage: bool) ->
     then [DONE]. Leaving early (the client closed the stream) cancels the request."""
     try:
         yield reply.chunk({"role": "assistant", "content": ""}, with_usage=include_usage)
+        waited_s = 0.0
+        while generation.waiting:  # in the engine's queue: an SSE comment now and then keeps proxies from
+            await asyncio.sleep(DONE_POLL_S)  # closing the idle stream, and finds a client that left
+            waited_s += DONE_POLL_S
+            if waited_s >= KEEPALIVE_S:
+                waited_s = 0.0
+                yield f": queued, {generation.ahead} ahead\n\n"
         try:
             async for piece in generation.pieces():
                 if text := reply.add(piece):

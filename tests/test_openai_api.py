@@ -2,6 +2,7 @@
 in-process on a free local port (bundled model), so the test can count at the model's forward what
 the engine really prefilled."""
 
+import threading
 import time
 
 import httpx
@@ -11,9 +12,9 @@ import sqlite_utils
 from prometheus_client.parser import text_string_to_metric_families
 
 import app
-from kvchat import Engine
+from kvchat import Engine, openai_api
 from kvchat.config import config_from_args
-from kvchat.openai_api import APIError, _Reply, parse_request
+from kvchat.openai_api import APIError, _Reply, model_id, parse_request
 from kvchat.startup import BackgroundEngine
 from kvchat.usage_log import UsageLog
 from test_app import free_port
@@ -224,3 +225,46 @@ def test_metrics_counters_move_by_what_a_request_reports(served, client):
     held = after[("kvchat_kv_cache_bytes", (("model_name", MODEL), ("tier", "memory")))]
     assert 0 < usage_perc <= 1 and held == served[0].stats().used_bytes
 
+
+
+def test_a_queued_stream_sends_keepalives_and_leaving_the_queue_cancels_it(tiny_loaded, monkeypatch):
+    """Deterministic: the model waits at a gate the test holds, so one request runs (max batch 1) and
+    the streamed one waits in the engine's queue."""
+    gate, reached = threading.Event(), threading.Event()
+
+    def hold(module, args, kwargs):
+        reached.set()
+        assert gate.wait(120), "the test never opened the gate"
+
+    monkeypatch.setattr(openai_api, "KEEPALIVE_S", 0.2)
+    engine = Engine(tiny_loaded, cache_budget_bytes=2**24, max_batch=1)
+    finished = []
+    engine.add_listener(finished.append)
+    config = config_from_args(["--port", str(free_port()), "--usage-db", "none", "--disk-budget", "0"])
+    demo, url, _ = app.launch(BackgroundEngine(lambda: engine), config)
+    hook = tiny_loaded.model.register_forward_pre_hook(hold, with_kwargs=True)
+    running = threading.Thread(target=lambda: engine.chat(None, [{"role": "user", "content": "Go."}], max_new_tokens=2))
+    try:
+        running.start()
+        assert reached.wait(60), "the first request never reached the model"
+        body = {"model": model_id(None), "messages": [{"role": "user", "content": "And me?"}], "stream": True}
+        with httpx.stream("POST", url.rstrip("/") + "/v1/chat/completions", json=body, timeout=60) as response:
+            lines = response.iter_lines()
+            assert next(lines).startswith("data: ")  # the role chunk
+            comment = next(line for line in lines if line)
+            assert comment.startswith(": queued") and engine.stats().waiting == 1
+        queued = list(engine._scheduler._waiting)  # the model is held, so the engine cannot drop it yet
+        deadline = time.time() + 30
+        while not all(r.generation.cancelled for r in queued) and time.time() < deadline:
+            time.sleep(0.05)
+        gate.set()
+        while len(finished) < 2 and time.time() < deadline + 30:
+            time.sleep(0.05)
+        left = next(u for u in finished if u.door == "api")
+        assert left.finish_reason == "cancelled" and left.new_tokens == 0, "it ran after its client left"
+    finally:
+        gate.set()
+        hook.remove()
+        running.join(60)
+        demo.close()
+        engine.close()

@@ -148,6 +148,20 @@ def test_streaming_gives_the_same_text_and_a_final_usage_chunk(client):
     assert all(c.usage is None for c in plain)  # no usage unless asked, as OpenAI does
 
 
+def test_a_stop_string_is_never_sent_streamed_or_not(client):
+    messages = [SYSTEM, {"role": "user", "content": "Where can I park?"}]
+    whole = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0)
+    text = whole.choices[0].message.content
+    stop = text[6:9]
+    expected = text[: text.find(stop)]
+    cut = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0, stop=[stop])
+    assert cut.choices[0].message.content == expected and cut.choices[0].finish_reason == "stop"
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0,
+                                                 stop=stop, stream=True))  # fmt: skip
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
 def test_cached_tokens_is_zero_not_missing_on_a_cold_request(served):
     raw = httpx.post(served[1] + "/v1/chat/completions", timeout=120, json={
         "model": MODEL, "max_tokens": 2, "cache_salt": f"cold-{time.time()}",

@@ -172,7 +172,6 @@ class Handlers:
         history = [m for m in saved.get("history") or [] if isinstance(m, dict) and m.get("role") in ROLES]
         return history, visitor, {"visitor": visitor, "history": history}
 
-
     def clear_cache(self) -> str:
         engine = self.holder.peek()
         if engine is None:

@@ -34,6 +34,7 @@ from kvchat.kv_tree import KVTree, Node, NodeInfo, node_key, owner_of
 from kvchat.prefix import fingerprint, scope_key
 from kvchat.sampling import SamplingParams
 from kvchat.scheduler import Request, Scheduler
+from kvchat.stop_strings import as_stops
 from kvchat.usage import Door, Reply, Usage
 from kvchat.usage_log import UsageLog, UsageSummary
 
@@ -203,7 +204,7 @@ class Engine:
         top_p: float = 1.0,
         seed: int | None = None,
         cache_salt: str | None = None,
-        stop: Sequence[str] = (),
+        stop: str | Sequence[str] | None = None,
         door: Door = "library",
     ) -> Generation:
         """Start a reply to the whole conversation `messages`. Bad input raises InputError here,
@@ -223,7 +224,7 @@ class Engine:
         salt = self._salt if cache_salt is None else cache_salt
         params = SamplingParams(
             _whole(max_new_tokens, "max new tokens"), _number(temperature, "temperature"), _number(top_p, "top-p"), seed,
-            (stop,) if isinstance(stop, str) else tuple(stop),
+            as_stops(stop),
         )
         params.validate(self.context_tokens)
         prompt = self._template.encode(messages)

@@ -25,7 +25,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from kvchat.errors import Busy, GenerationError, InputError
-from kvchat.stop_strings import MAX_STOPS, stop_at
+from kvchat.stop_strings import as_stops, stop_at
 
 if TYPE_CHECKING:
     from kvchat.engine import Engine
@@ -174,10 +174,10 @@ def _flag(value: Any, param: str) -> bool:
 
 
 def _stops(value: Any) -> tuple[str, ...]:
-    stops = [value] if isinstance(value, str) else value or []
-    if not isinstance(stops, list) or len(stops) > MAX_STOPS or not all(isinstance(s, str) and s for s in stops):
-        raise APIError(400, f"stop must be a string or a list of up to {MAX_STOPS} non-empty strings", param="stop")
-    return tuple(stops)
+    try:
+        return as_stops(value)
+    except InputError as err:
+        raise APIError(400, str(err), param="stop") from err
 
 
 # --- response bodies ---

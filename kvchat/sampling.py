@@ -8,7 +8,6 @@ from dataclasses import dataclass
 import torch
 
 from kvchat.errors import InputError
-from kvchat.stop_strings import MAX_STOPS
 
 
 @dataclass(frozen=True, slots=True)
@@ -17,7 +16,7 @@ class SamplingParams:
     temperature: float = 0.0  # 0 = greedy, bit-exact with `model.generate(do_sample=False)`
     top_p: float = 1.0
     seed: int | None = None  # fixes the sampled reply when temperature > 0
-    stop: tuple[str, ...] = ()  # the reply ends where one of these first appears (OpenAI's `stop`)
+    stop: tuple[str, ...] = ()  # the reply ends where one of these first appears (checked by `as_stops`)
 
     def validate(self, context_tokens: int) -> None:
         if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool):
@@ -28,8 +27,6 @@ class SamplingParams:
             raise InputError("temperature must be 0 (greedy) or a positive number")
         if not math.isfinite(self.top_p) or not 0 < self.top_p <= 1:
             raise InputError("top-p must be greater than 0 and at most 1")
-        if len(self.stop) > MAX_STOPS or not all(isinstance(s, str) and s for s in self.stop):
-            raise InputError(f"stop takes up to {MAX_STOPS} non-empty strings")
 
     @property
     def greedy(self) -> bool:

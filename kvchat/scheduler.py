@@ -491,12 +491,11 @@ class Scheduler:
         request.generation.token_ids.append(token)
         assert request.text is not None
         if piece := request.text.push(token):
-            before = len(request.generation.text)
             request.generation.emit(piece)
-            if params.stop and stop_at(request.generation.text, params.stop, before) is not None:
-                usage.new_tokens += 1
-                return self._finish(request, "stop")
         usage.new_tokens += 1
+        text = request.generation.text
+        if piece and params.stop and stop_at(text, params.stop, len(text) - len(piece)) is not None:
+            return self._finish(request, "stop")
         total = len(request.prompt.token_ids) + usage.new_tokens
         if usage.new_tokens >= params.max_new_tokens or total >= self.context_tokens:
             return self._finish(request, "length")

@@ -11,6 +11,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from kvchat.first_page import MARKER
+
 ROOT = Path(__file__).resolve().parents[2]
 FIRST_PAGE_POLL_S = 0.05
 READY_POLL_S = 0.25  # gentle: polling the app competes with its own start for the two cores
@@ -54,7 +56,7 @@ def _one_app_start(model: str | None, device: str, dtype: str, disk: str) -> dic
             now = time.perf_counter() - started
             if headers is not None and found["first_page_s"] is None:
                 found["first_page_s"] = now
-            if headers is not None and "X-Kvchat-Starting" not in headers and found["app_page_s"] is None:
+            if headers is not None and MARKER not in headers and found["app_page_s"] is None:
                 found["app_page_s"] = now
             if found["app_page_s"] is not None and _ready(url):
                 found["app_ready_s"] = time.perf_counter() - started

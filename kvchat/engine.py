@@ -22,14 +22,14 @@ import psutil
 import torch
 import xxhash
 
-from kvchat import kv_storage, models
+from kvchat import kv_storage, models, probe
 from kvchat.chat import ChatTemplate, Prompt, TextStream
 from kvchat.config import format_bytes, parse_bytes
 from kvchat.errors import Busy, GenerationError, InputError
 from kvchat.eviction import policy_named
 from kvchat.generation import Generation
 from kvchat.kv_disk import FORMAT, DiskStore, DiskTier, DiskUnavailable
-from kvchat.kv_storage import KVRun, RowBuffer, SegmentedForward
+from kvchat.kv_storage import KVRun, RowBuffer
 from kvchat.kv_tree import KVTree, Node, NodeInfo, node_key, owner_of
 from kvchat.prefix import fingerprint, scope_key
 from kvchat.sampling import SamplingParams
@@ -109,9 +109,11 @@ class Engine:
         disk_budget_bytes: int = 2 * 2**30,
         persist_sessions: bool = False,
         session_ttl_s: float | None = None,
+        attention: str = "auto",
     ) -> None:
         kv_storage.check_supported(loaded.model)
         kv_storage.use_native_gqa(loaded.device)
+        forward, self.attention = probe.choose(loaded.model, loaded.device, attention)
         if max_batch < 1:
             raise InputError("max batch must be at least 1")
         self.loaded = loaded
@@ -139,7 +141,7 @@ class Engine:
         if disk_dir is not None and disk_budget_bytes > 0:
             self._open_disk(Path(disk_dir), disk_budget_bytes, persist_sessions)
         self._scheduler = Scheduler(
-            forward=SegmentedForward(loaded.model, loaded.device),
+            forward=forward,
             tree=self._tree,
             new_buffer=lambda tokens: RowBuffer(loaded.model, tokens, loaded.device, loaded.dtype),
             bytes_per_token=self.bytes_per_token,
@@ -385,7 +387,7 @@ class Engine:
     # --- inside ---
     def _open_disk(self, directory: Path, budget_bytes: int, persist_sessions: bool) -> None:
         """Open the disk tier and hang what it holds in the tree; without it, say why and go on."""
-        layers = kv_storage.kv_shape(self.loaded.model)[0]
+        layers = len(kv_storage.kv_layout(self.loaded.model))
         try:
             store = DiskStore(directory, self._fingerprint, layers)
         except DiskUnavailable as err:

@@ -1,17 +1,14 @@
-"""The KV storage boundary: the only module that knows transformers' cache and attention internals.
+"""The KV storage: what the engine holds KV in, and the one place that builds transformers' caches.
 
-How the engine holds KV (see `kv_tree.py` for why a tree):
 - `KVRun`: the exact-size keys and values of one run of tokens, a tree node's payload. Shared by
   reference: every running request that uses a run reads the same tensors.
 - `RowBuffer`: a running request's private KV (what no run holds yet: its uncached prompt tail and
   its reply), preallocated for the whole request so it never regrows.
-- `SegmentedForward`: one model forward over many requests at once. Their tokens are laid end to
-  end in one sequence; each request attends to its shared runs and then its own buffer. Attention
-  is computed per segment with the log-sum-exp of each, then merged (cascade attention): a run
-  shared by several requests is read once for all of them, and no prefix is ever copied.
-  The attention function is registered in place of transformers' "sdpa" and falls back to it for
-  every call that is not ours, so `generate` and other users of the same model are untouched.
+- `kv_layout`: each layer's (KV heads, head dim), read from the tensors a real forward writes,
+  never from config fields a family may name or use differently (Falcon's multi-query heads, a
+  config that carries a field its model ignores).
 
+How a forward reads these (cascade attention, or the model's own attention) is `attention.py`.
 `BufferLayer` (a `DynamicCache` layer over preallocated buffers) stays for the bench's floor, the
 cheapest single-request baseline we know. Bytes are counted from real storage, spare included.
 """
@@ -20,11 +17,11 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+import weakref
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from kvchat.errors import InputError
 
@@ -128,12 +125,15 @@ def use_native_gqa(device: torch.device) -> None:
 
 
 def check_supported(model: PreTrainedModel) -> None:
-    """Refuse models whose layers are not all plain full attention (sliding windows, linear
-    attention): their caches cannot be cropped back to an arbitrary earlier position."""
+    """Refuse models with layers whose KV is not one key and one value per position (linear
+    attention, state-space layers, chunked or compressed caches): kvchat cannot crop, share or
+    count them. Sliding-window layers are served: kvchat keeps every position, and attention masks
+    the window (`attention.py`)."""
     kinds = {type(layer).__name__ for layer in DynamicCache(config=model.config).layers}
-    if kinds - {DynamicLayer.__name__}:
+    if kinds - {DynamicLayer.__name__, DynamicSlidingWindowLayer.__name__}:
         raise InputError(
-            f"kvchat needs a model whose layers all use full attention; this one has {sorted(kinds)}"
+            f"kvchat serves models whose layers keep one key and value per position (full or "
+            f"sliding-window attention); this {model.config.model_type} model has {sorted(kinds)}"
         )
 
 
@@ -187,15 +187,22 @@ def kv_nbytes(cache: DynamicCache) -> int:
     return sum(layer.storage_nbytes() for layer in cache.layers)
 
 
-# --- the engine's storage: runs shared by reference, private row buffers, segmented attention ---
+# --- the engine's storage: runs shared by reference, private row buffers ---
 
 
-def kv_shape(model: PreTrainedModel) -> tuple[int, int, int]:
-    """(layers, kv heads, head dim) of a decoder-only transformer."""
-    config = model.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    return config.num_hidden_layers, kv_heads, head_dim
+_LAYOUTS: weakref.WeakKeyDictionary[PreTrainedModel, tuple[tuple[int, int], ...]] = weakref.WeakKeyDictionary()
+
+
+def kv_layout(model: PreTrainedModel) -> tuple[tuple[int, int], ...]:
+    """Each layer's (KV heads, head dim), read from the K/V tensors [1, H_kv, 1, D] that one
+    token through the model writes into a stock cache (once per model, then remembered)."""
+    if model not in _LAYOUTS:
+        cache = DynamicCache(config=model.config)
+        token = torch.zeros((1, 1), dtype=torch.long, device=model.device)
+        with torch.inference_mode():
+            model(input_ids=token, cache=cache, use_cache=True)
+        _LAYOUTS[model] = tuple((layer.keys.shape[1], layer.keys.shape[-1]) for layer in cache.layers)
+    return _LAYOUTS[model]
 
 
 class KVRun:
@@ -231,10 +238,9 @@ class RowBuffer:
     """A running request's private KV: preallocated per layer [kv_heads, capacity, head_dim]."""
 
     def __init__(self, model: PreTrainedModel, capacity_tokens: int, device: torch.device, dtype: torch.dtype) -> None:
-        layers, kv_heads, head_dim = kv_shape(model)
-        shape = (kv_heads, capacity_tokens, head_dim)
-        self.keys = [torch.empty(shape, device=device, dtype=dtype) for _ in range(layers)]
-        self.values = [torch.empty(shape, device=device, dtype=dtype) for _ in range(layers)]
+        shapes = [(kv_heads, capacity_tokens, head_dim) for kv_heads, head_dim in kv_layout(model)]
+        self.keys = [torch.empty(shape, device=device, dtype=dtype) for shape in shapes]
+        self.values = [torch.empty(shape, device=device, dtype=dtype) for shape in shapes]
         self.num_tokens = 0
 
     @property
@@ -279,189 +285,3 @@ class RowBuffer:
 def bytes_per_token(model: PreTrainedModel, device: torch.device, dtype: torch.dtype) -> int:
     """Bytes one position of KV takes, measured on a real one-token buffer."""
     return RowBuffer(model, 1, device, dtype).nbytes
-
-
-@dataclass(slots=True)
-class Row:
-    """One request's part of a forward: its shared runs (root first), its buffer, the ids fed now."""
-
-    runs: list[KVRun]
-    buffer: RowBuffer
-    token_ids: list[int]
-
-    @property
-    def start_position(self) -> int:
-        return sum(run.num_tokens for run in self.runs) + self.buffer.num_tokens
-
-
-@dataclass(slots=True)
-class _Group:
-    """A run read by one or more rows at the same depth: their queries attend to it in one call."""
-
-    run: KVRun
-    depth: int
-    spans: list[tuple[int, int]]
-    index: torch.Tensor | None = None  # query positions, when more than one span
-
-
-@dataclass(slots=True)
-class _Plan:
-    rows: list[Row]
-    spans: list[tuple[int, int]]  # each row's positions in the flat sequence
-    groups: list[_Group]
-    masks: list[torch.Tensor | None]  # per row: causal mask over its buffer when it feeds > 1 token
-    depth: int  # most runs any row reads (partial results per query: depth + 1)
-    outs: torch.Tensor | None = None  # [depth + 1, H_kv, G, N, D] partial outputs, reused by every layer
-    lses: torch.Tensor | None = None  # [depth + 1, H_kv, G, N] their log-sum-exps (-inf where no segment)
-
-
-class SegmentedForward:
-    """Runs one forward over many requests; see the module docstring."""
-
-    def __init__(self, model: PreTrainedModel, device: torch.device) -> None:
-        _install_attention()
-        self.model = model
-        self.device = device
-        _, self.kv_heads, self.head_dim = kv_shape(model)
-        self.groups_per_kv_head = model.config.num_attention_heads // self.kv_heads
-        self.use_flash_cpu = device.type == "cpu" and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
-
-    def __call__(self, rows: list[Row]) -> torch.Tensor:
-        """Feed each row's `token_ids` after what it holds; returns each row's last logits [rows, vocab]."""
-        plan = self._plan(rows)
-        ids = [t for row in rows for t in row.token_ids]
-        positions = [p for row in rows for p in range(row.start_position, row.start_position + len(row.token_ids))]
-        last = torch.tensor([end - 1 for _, end in plan.spans], device=self.device)
-        out = self.model(
-            input_ids=torch.tensor([ids], device=self.device),
-            position_ids=torch.tensor([positions], device=self.device),
-            attention_mask=_NO_MASK,  # a 4D mask is passed through untouched: no causal mask is built
-            use_cache=False,
-            logits_to_keep=last,
-            kvchat_plan=plan,
-            kvchat_forward=self,
-        )
-        for row in rows:
-            row.buffer.num_tokens += len(row.token_ids)
-        return out.logits[0]
-
-    def _plan(self, rows: list[Row]) -> _Plan:
-        spans, groups, masks = [], {}, []
-        start = 0
-        for row in rows:
-            n = len(row.token_ids)
-            if n == 0:
-                raise ValueError("every row must feed at least one token")
-            if row.buffer.num_tokens + n > row.buffer.capacity_tokens:
-                raise RuntimeError("a row's buffer is full: its request reserved too little")
-            span = (start, start + n)
-            spans.append(span)
-            for depth, run in enumerate(row.runs):
-                group = groups.setdefault(id(run), _Group(run, depth, []))
-                group.spans.append(span)
-            masks.append(self._causal_mask(row.buffer.num_tokens, n) if n > 1 else None)
-            start += n
-        for group in groups.values():
-            if len(group.spans) > 1:
-                group.index = torch.cat([torch.arange(a, b) for a, b in group.spans]).to(self.device)
-        depth = max((len(row.runs) for row in rows), default=0)
-        plan = _Plan(rows, spans, list(groups.values()), masks, depth)
-        if depth:  # every layer writes the same positions, so the -inf left elsewhere holds for all
-            shape = (depth + 1, self.kv_heads, self.groups_per_kv_head, start)
-            plan.outs = torch.zeros((*shape, self.head_dim), device=self.device, dtype=self.model.dtype)
-            plan.lses = torch.full(shape, float("-inf"), device=self.device, dtype=torch.float32)
-        return plan
-
-    def _causal_mask(self, held: int, n: int) -> torch.Tensor:
-        """Additive mask [1, 1, G*n, held+n]: new token i sees the buffer up to its own position."""
-        allowed = torch.arange(held + n, device=self.device)[None, :] <= held + torch.arange(n, device=self.device)[:, None]
-        mask = torch.zeros(allowed.shape, device=self.device, dtype=self.model.dtype).masked_fill(~allowed, float("-inf"))
-        return mask.repeat(self.groups_per_kv_head, 1)[None, None]
-
-    def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, plan: _Plan) -> torch.Tensor:
-        """Attention for one layer: query [1, H, N, D], new key/value [1, H_kv, N, D] -> [1, N, H, D]."""
-        _, heads, total, dim = query.shape
-        q = query[0].view(self.kv_heads, self.groups_per_kv_head, total, dim)
-        self._write_new_positions(layer, key[0], value[0], plan)
-        if not plan.depth:  # no shared runs: each row's own buffer is all there is
-            out = query.new_empty((self.kv_heads, self.groups_per_kv_head, total, dim))
-            for row, (a, b), mask in zip(plan.rows, plan.spans, plan.masks, strict=True):
-                out[:, :, a:b] = self._kernel(q[:, :, a:b], *row.buffer.filled(layer, b - a), mask)[0]
-            return out.reshape(heads, total, dim).transpose(0, 1).unsqueeze(0)
-        outs, lses = plan.outs, plan.lses
-        assert outs is not None and lses is not None
-        for group in plan.groups:  # each shared run once, for every row that reads it
-            keys, values = group.run.keys[layer], group.run.values[layer]
-            if group.index is None:
-                a, b = group.spans[0]
-                outs[group.depth, :, :, a:b], lses[group.depth, :, :, a:b] = self._kernel(q[:, :, a:b], keys, values)
-            else:
-                o, lse = self._kernel(q.index_select(2, group.index), keys, values)
-                outs[group.depth].index_copy_(2, group.index, o)
-                lses[group.depth].index_copy_(2, group.index, lse)
-        for row, (a, b), mask in zip(plan.rows, plan.spans, plan.masks, strict=True):
-            outs[-1, :, :, a:b], lses[-1, :, :, a:b] = self._kernel(q[:, :, a:b], *row.buffer.filled(layer, b - a), mask)
-        weights = torch.softmax(lses, dim=0).unsqueeze(-1).to(outs.dtype)  # each segment's share of the softmax
-        out = (outs * weights).sum(dim=0)
-        return out.reshape(heads, total, dim).transpose(0, 1).unsqueeze(0)
-
-    def _write_new_positions(self, layer: int, key: torch.Tensor, value: torch.Tensor, plan: _Plan) -> None:
-        """The new positions' K/V go to each row's buffer (one batched copy for all rows)."""
-        targets, sources = [], []
-        for row, (a, b) in zip(plan.rows, plan.spans, strict=True):
-            held = row.buffer.num_tokens
-            targets += [row.buffer.keys[layer][:, held : held + b - a], row.buffer.values[layer][:, held : held + b - a]]
-            sources += [key[:, a:b], value[:, a:b]]
-        torch._foreach_copy_(targets, sources)
-
-    def _kernel(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Attention of q [H_kv, G, n, D] over k/v [H_kv, T, D]: output [H_kv, G, n, D] and the
-        log-sum-exp of the scores [H_kv, G, n]. The G query heads of one KV head are folded into
-        the query axis, so grouped K/V are read as they are, never repeated."""
-        kv_heads, groups, n, dim = q.shape
-        folded = q.reshape(1, kv_heads, groups * n, dim)
-        scale = dim**-0.5
-        if self.use_flash_cpu:
-            o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                folded, k.unsqueeze(0), v.unsqueeze(0), 0.0, False, attn_mask=mask, scale=scale
-            )
-        else:
-            o, lse = _attention_with_lse(folded, k.unsqueeze(0), v.unsqueeze(0), mask, scale)
-        return o.view(kv_heads, groups, n, dim), lse.view(kv_heads, groups, n)
-
-
-def _attention_with_lse(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain attention that also returns the log-sum-exp (any device), in float32."""
-    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
-    if mask is not None:
-        scores = scores + mask.float()
-    lse = torch.logsumexp(scores, dim=-1)
-    probs = torch.exp(scores - lse.unsqueeze(-1))
-    return torch.matmul(probs, v.float()).to(q.dtype), lse
-
-
-_NO_MASK = torch.zeros(1, 1, 1, 1)
-_SDPA = "sdpa"
-
-
-def _install_attention() -> None:
-    """Put our attention in front of transformers' SDPA: calls that carry a plan are ours; every
-    other call goes to SDPA unchanged (generate, the bench's baselines, continuous batching)."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
-
-    original = ALL_ATTENTION_FUNCTIONS[_SDPA]
-    if getattr(original, "kvchat_wrapper", False):
-        return
-
-    def attention(module, query, key, value, attention_mask, *args, **kwargs):  # type: ignore[no-untyped-def]
-        plan = kwargs.get("kvchat_plan")
-        if plan is None:
-            return original(module, query, key, value, attention_mask, *args, **kwargs)
-        return kwargs["kvchat_forward"].attend(module.layer_idx, query, key, value, plan), None
-
-    attention.kvchat_wrapper = True  # type: ignore[attr-defined]
-    AttentionInterface.register(_SDPA, attention)

@@ -19,10 +19,12 @@ With a disk tier (`kv_disk`), every node the tier wants is written through in th
 is made, and a matched node whose KV is only on disk is read back (verified) at admission, before
 anything else: it then serves like any node in memory.
 
-Shared runs are read in place (cascade attention, see `kv_storage`) when they are long. When all a
+Shared runs are read in place (cascade attention, see `attention.py`) when they are long. When all a
 request reads by reference is shorter than `CASCADE_MIN_TOKENS`, it copies them to the front of its
 own buffer instead (`inline`): a few MiB at most, and its attention is then one plain call, which
 is faster for a lone request (scripts/cascade.py measures both ways; vLLM has the same threshold).
+On the compatible path (a model the cascade cannot reproduce, see `probe.py`) every request copies
+them: it reads nothing but its own buffer.
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ from kvchat.chat import Prompt, TextStream
 from kvchat.errors import GenerationError
 from kvchat.generation import Generation
 from kvchat.kv_disk import DiskTier
-from kvchat.kv_storage import KVRun, Row, RowBuffer, SegmentedForward
+from kvchat.attention import NativeForward, Row, SegmentedForward
+from kvchat.kv_storage import KVRun, RowBuffer
 from kvchat.kv_tree import SHARED, STATELESS, Eviction, KVTree, Match, Node, owner_of, owners_for
 from kvchat.sampling import SamplingParams, next_token
 from kvchat.stop_strings import stop_at
@@ -119,7 +122,7 @@ Finisher = Callable[[Request, BaseException | None], None]
 class Scheduler:
     def __init__(
         self,
-        forward: SegmentedForward,
+        forward: SegmentedForward | NativeForward,
         tree: KVTree[KVRun],
         new_buffer: Callable[[int], RowBuffer],
         bytes_per_token: int,
@@ -409,7 +412,9 @@ class Scheduler:
         publish_tokens = max(0, prefix_len - held) if not detached else 0
         end = min(len(ids) + request.params.max_new_tokens, self.context_tokens)
         buffer_tokens = end - held - publish_tokens
-        inline = inline and not request.prefix_only and 0 < held + publish_tokens < CASCADE_MIN_TOKENS
+        short = held + publish_tokens < CASCADE_MIN_TOKENS
+        copy_runs = not self.forward.reads_runs_in_place or (inline and short)  # compatible: its own buffer only
+        inline = copy_runs and not request.prefix_only and held + publish_tokens > 0
         if inline:
             buffer_tokens += held + publish_tokens
         need = (publish_tokens + buffer_tokens) * self.bytes_per_token

@@ -20,14 +20,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, no install
-from kvchat import kv_storage, models  # noqa: E402
+from kvchat import attention, kv_storage, models  # noqa: E402
 from kvchat.chat import ChatTemplate  # noqa: E402
 from kvchat.presets import load_presets  # noqa: E402
 
 STEPS = 8
 
 
-def step_ms(forward: kv_storage.SegmentedForward, rows: list[kv_storage.Row]) -> float:
+def step_ms(forward: attention.SegmentedForward, rows: list[attention.Row]) -> float:
     times = []
     for _ in range(STEPS):
         for row in rows:
@@ -41,7 +41,7 @@ def step_ms(forward: kv_storage.SegmentedForward, rows: list[kv_storage.Row]) ->
 def main() -> None:
     loaded = models.load(None, device="cpu", dtype="float32")
     model, device, dtype = loaded.model, loaded.device, loaded.dtype
-    forward = kv_storage.SegmentedForward(model, device)
+    forward = attention.SegmentedForward(model, device)
     messages = [{"role": "system", "content": load_presets()["Acme cloud support faq (long)"]},
                 {"role": "user", "content": "?"}]  # fmt: skip
     prompt = ChatTemplate(loaded.tokenizer).encode(messages)
@@ -49,18 +49,18 @@ def main() -> None:
     new = lambda tokens: kv_storage.RowBuffer(model, tokens, device, dtype)  # noqa: E731
     with torch.inference_mode():
         buffer = new(len(prefix))
-        forward([kv_storage.Row([], buffer, prefix)])
+        forward([attention.Row([], buffer, prefix)])
         shared = buffer.take_run()
         print(f"prefix {len(prefix)} tokens; per row {len(tail)} private tokens; median of {STEPS} decode steps")
         print("rows | shared: step ms, tok/s, KV MiB | copied: step ms, tok/s, KV MiB")
         for count in (1, 4, 8, 16):
-            rows_shared = [kv_storage.Row([shared], new(len(tail) + STEPS + 1), tail) for _ in range(count)]
+            rows_shared = [attention.Row([shared], new(len(tail) + STEPS + 1), tail) for _ in range(count)]
             forward(rows_shared)
             rows_copied = []
             for _ in range(count):
                 own = new(len(prefix) + len(tail) + STEPS + 1)
                 own.append_run(shared, len(prefix))
-                rows_copied.append(kv_storage.Row([], own, tail))
+                rows_copied.append(attention.Row([], own, tail))
             forward(rows_copied)
             shared_ms, copied_ms = step_ms(forward, rows_shared), step_ms(forward, rows_copied)
             shared_mib = (shared.nbytes + sum(r.buffer.nbytes for r in rows_shared)) / 2**20

@@ -1,6 +1,6 @@
 import torch
 
-from kvchat import kv_storage
+from kvchat import attention, kv_storage
 
 
 def fill(loaded, cache, num_tokens, start=5):
@@ -44,15 +44,15 @@ def test_nbytes_counts_allocated_storage(tiny_loaded):
 
 def _prefill(loaded, forward, ids, capacity=None):
     buffer = kv_storage.RowBuffer(loaded.model, capacity or len(ids), loaded.device, loaded.dtype)
-    forward([kv_storage.Row([], buffer, list(ids))])
+    forward([attention.Row([], buffer, list(ids))])
     return buffer
 
 
 def test_rows_reading_a_shared_run_get_the_logits_of_a_plain_forward(tiny_loaded):
-    forward = kv_storage.SegmentedForward(tiny_loaded.model, tiny_loaded.device)
+    forward = attention.SegmentedForward(tiny_loaded.model, tiny_loaded.device)
     prefix, tails = list(range(100, 160)), [list(range(200, 200 + n)) for n in (1, 5, 17)]
     shared = _prefill(tiny_loaded, forward, prefix).take_run()
-    rows = [kv_storage.Row([shared], kv_storage.RowBuffer(tiny_loaded.model, 40, tiny_loaded.device,
+    rows = [attention.Row([shared], kv_storage.RowBuffer(tiny_loaded.model, 40, tiny_loaded.device,
                                                            tiny_loaded.dtype), tail) for tail in tails]  # fmt: skip
     with torch.inference_mode():
         logits = forward(rows)
@@ -70,20 +70,20 @@ def test_rows_reading_a_shared_run_get_the_logits_of_a_plain_forward(tiny_loaded
 
 def test_the_portable_kernel_equals_the_cpu_flash_kernel(tiny_loaded):
     """CUDA runs the portable path (plain attention with its log-sum-exp); check it here on CPU."""
-    flash = kv_storage.SegmentedForward(tiny_loaded.model, tiny_loaded.device)
-    portable = kv_storage.SegmentedForward(tiny_loaded.model, tiny_loaded.device)
+    flash = attention.SegmentedForward(tiny_loaded.model, tiny_loaded.device)
+    portable = attention.SegmentedForward(tiny_loaded.model, tiny_loaded.device)
     portable.use_flash_cpu = False
     ids = list(range(300, 340))
     with torch.inference_mode():
-        a = flash([kv_storage.Row([], kv_storage.RowBuffer(tiny_loaded.model, 40, tiny_loaded.device,
+        a = flash([attention.Row([], kv_storage.RowBuffer(tiny_loaded.model, 40, tiny_loaded.device,
                                                              tiny_loaded.dtype), ids)])  # fmt: skip
-        b = portable([kv_storage.Row([], kv_storage.RowBuffer(tiny_loaded.model, 40, tiny_loaded.device,
+        b = portable([attention.Row([], kv_storage.RowBuffer(tiny_loaded.model, 40, tiny_loaded.device,
                                                                 tiny_loaded.dtype), ids)])  # fmt: skip
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 def test_split_copies_the_smaller_side_and_counts_the_storage_it_keeps(tiny_loaded):
-    forward = kv_storage.SegmentedForward(tiny_loaded.model, tiny_loaded.device)
+    forward = attention.SegmentedForward(tiny_loaded.model, tiny_loaded.device)
     with torch.inference_mode():
         run = _prefill(tiny_loaded, forward, list(range(100))).take_run()
     per_token = run.nbytes // 100
@@ -96,7 +96,7 @@ def test_split_copies_the_smaller_side_and_counts_the_storage_it_keeps(tiny_load
 
 
 def test_take_run_leaves_an_exact_run_and_an_empty_buffer(tiny_loaded):
-    forward = kv_storage.SegmentedForward(tiny_loaded.model, tiny_loaded.device)
+    forward = attention.SegmentedForward(tiny_loaded.model, tiny_loaded.device)
     with torch.inference_mode():
         buffer = _prefill(tiny_loaded, forward, list(range(30)), capacity=64)
     expected = buffer.keys[1][:, :30].clone()

@@ -192,7 +192,7 @@ class Handlers:
         text = (
             f"✅ **{loaded.name}** on `{loaded.device}` ({str(loaded.dtype).removeprefix('torch.')}) · "
             f"KV budget {format_bytes(engine.budget_bytes)}{auto} · {panel.disk_words(stats)} · "
-            f"context {engine.context_tokens:,} tokens"
+            f"context {engine.context_tokens:,} tokens · attention: {engine.attention.path}"
         )
         warming = panel.warmup_words(stats.warmups)
         if warming:

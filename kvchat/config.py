@@ -92,6 +92,7 @@ class Config:
     model: str | None = None  # None = the bundled SmolLM2-135M-Instruct GGUF
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    attention: str = "auto"  # auto | cascade | compatible: which verified attention path serves (probe.py)
     cache_budget_bytes: int | None = 512 * 2**20  # None = auto (from free memory at start)
     usage_db: str | None = "kvchat.db"  # None = no usage log
     store_text: bool = False  # store message text in the usage log (off: only numbers)
@@ -146,6 +147,11 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
     parser.add_argument("--dtype", default=env("DTYPE", "auto"),
                         choices=["auto", "float32", "bfloat16", "float16"],
                         help="weights and KV dtype; auto = float32 on cpu, bfloat16 on cuda [KVCHAT_DTYPE]")
+    parser.add_argument("--attention", default=env("ATTENTION", "auto"), choices=["auto", "cascade", "compatible"],
+                        help="attention path, verified against the model's own forward at every start: auto = "
+                        "cascade (shared runs read in place) when it reproduces the model, else compatible "
+                        "(the model's own attention over copied KV); a path that fails the check is refused "
+                        "[KVCHAT_ATTENTION]")
     parser.add_argument("--cache-budget", default=env("CACHE_BUDGET", "512MiB"),
                         help="bytes all cached KV may hold in memory, e.g. 512MiB, 2GiB, 800MB, or auto "
                         "(from free GPU memory or available RAM at start) [KVCHAT_CACHE_BUDGET]")
@@ -220,6 +226,7 @@ def config_from_args(argv: Sequence[str] | None = None, environ: Mapping[str, st
         model=args.model or None,
         device=args.device,
         dtype=args.dtype,
+        attention=args.attention,
         cache_budget_bytes=None if auto else parse_bytes(args.cache_budget),
         usage_db=usage_db,
         store_text=args.store_text,

@@ -83,6 +83,7 @@ class CacheStats:
     disk_reads: int = 0  # runs read back from disk
     disk_read_tokens: int = 0
     disk_problem: str | None = None  # the disk tier's latest problem (or why there is none)
+    attention: str = ""  # the attention path and why (probe.AttentionChoice.summary)
     warmups: list[Warmup] = field(default_factory=list)
 
     @property
@@ -163,6 +164,7 @@ class Engine:
         model: str | None = None,
         device: str = "auto",
         dtype: str = "auto",
+        attention: str = "auto",
         cache_budget: str | int = "512MiB",
         usage_db: str | Path | None = "kvchat.db",
         store_text: bool = False,
@@ -179,7 +181,9 @@ class Engine:
     ) -> Engine:
         """Load a model (None = the bundled SmolLM2), open the usage log (None = no log) and the
         disk tier (None = memory only), then warm and pin `presets` (title -> system prompt) in
-        the background. `cache_budget="auto"` sizes the memory tier from free memory."""
+        the background. `cache_budget="auto"` sizes the memory tier from free memory. `attention`
+        picks the path (auto, cascade, compatible; see `probe.py`): InputError when the model cannot
+        be served exactly on it."""
         disk_budget_bytes = parse_bytes(disk_budget)
         budget = None if str(cache_budget).strip().lower() == "auto" else parse_bytes(cache_budget)
         policy_named(eviction)  # a bad name fails before the slow load
@@ -191,7 +195,7 @@ class Engine:
         engine = cls(loaded, budget, usage_log=usage_log, prefix_salt=prefix_salt, max_batch=max_batch,
                      max_waiting=max_waiting, eviction=eviction, disk_dir=disk_dir,
                      disk_budget_bytes=disk_budget_bytes, persist_sessions=persist_sessions,
-                     session_ttl_s=session_ttl_s)  # fmt: skip
+                     session_ttl_s=session_ttl_s, attention=attention)  # fmt: skip
         if presets:
             engine.warm(presets)
         return engine
@@ -341,6 +345,7 @@ class Engine:
             disk_reads=self.disk.reads if self.disk else 0,
             disk_read_tokens=self.disk.read_tokens if self.disk else 0,
             disk_problem=self.disk_problem,
+            attention=self.attention.summary(),
             warmups=list(self.warmups),
         )
 

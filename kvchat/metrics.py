@@ -98,6 +98,11 @@ class _CacheState(Collector):
         if engine is None:
             return
         s = engine.stats()
+        path = GaugeMetricFamily("kvchat_attention_path", "1 for the attention path this model is served on, "
+                                 "verified at load: cascade (shared runs read in place) or compatible (the "
+                                 "model's own attention over copied KV)", labels=["model_name", "path"])
+        path.add_metric([*m, engine.attention.path], 1.0)
+        yield path
         yield _gauge("kvchat_kv_cache_usage_perc", "Fraction of the memory budget KV holds, 1 = full "
                      "(vllm:kv_cache_usage_perc)", m, s.used_bytes / s.budget_bytes if s.budget_bytes else 0.0)  # fmt: skip
         held = GaugeMetricFamily("kvchat_kv_cache_bytes", "KV bytes held, by tier", labels=["model_name", "tier"])

@@ -100,6 +100,7 @@ def panel_markdown(stats: CacheStats, summary: UsageSummary | None, log_warning:
         f"- **Pinned presets:** {format_bytes(stats.pinned_bytes)} (at most a quarter of the budget)"
         + (f"; {warmup_words(stats.warmups)}" if stats.warmups else ""),
         _disk_line(stats),
+        f"- **Attention path:** {stats.attention}",
     ]
     lines.append("### History (usage log)")
     if summary is None:

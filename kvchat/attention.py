@@ -66,7 +66,8 @@ class _Plan:
     total: int  # tokens fed, all rows together
     masks: dict[int, list[torch.Tensor | None]] = field(default_factory=dict)  # per query-head group size
     # (H_kv, G, D) -> [depth + 1, H_kv, G, N, D] partial outputs and [depth + 1, H_kv, G, N] their
-    # log-sum-exps (-inf where no segment): every layer of one shape writes the same positions
+    # log-sum-exps (-inf where no segment), both float32 so a 16-bit model is rounded once, after
+    # the merge, as SDPA rounds once: every layer of one shape writes the same positions
     partials: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     layers_seen: int = 0  # attention calls that reached us in this forward
 
@@ -147,12 +148,12 @@ class SegmentedForward:
         mask = torch.zeros(allowed.shape, device=self.device, dtype=dtype).masked_fill(~allowed, float("-inf"))
         return mask.repeat(groups, 1)[None, None]
 
-    def _partials(self, plan: _Plan, kv_heads: int, groups: int, dim: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def _partials(self, plan: _Plan, kv_heads: int, groups: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
         key = (kv_heads, groups, dim)
         if key not in plan.partials:
             shape = (plan.depth + 1, kv_heads, groups, plan.total)
             plan.partials[key] = (
-                torch.zeros((*shape, dim), device=self.device, dtype=dtype),
+                torch.zeros((*shape, dim), device=self.device, dtype=torch.float32),
                 torch.full(shape, float("-inf"), device=self.device, dtype=torch.float32),
             )
         return plan.partials[key]
@@ -179,7 +180,7 @@ class SegmentedForward:
             for row, (a, b), mask in zip(plan.rows, plan.spans, masks, strict=True):
                 out[:, :, a:b] = kernel(q[:, :, a:b], *row.buffer.filled(layer, b - a), mask)[0]
             return out.reshape(heads, total, dim).transpose(0, 1).unsqueeze(0)
-        outs, lses = self._partials(plan, kv_heads, groups, dim, query.dtype)
+        outs, lses = self._partials(plan, kv_heads, groups, dim)
         for group in plan.groups:  # each shared run once, for every row that reads it
             keys, values = group.run.keys[layer], group.run.values[layer]
             if group.index is None:
@@ -187,12 +188,12 @@ class SegmentedForward:
                 outs[group.depth, :, :, a:b], lses[group.depth, :, :, a:b] = kernel(q[:, :, a:b], keys, values)
             else:
                 o, lse = kernel(q.index_select(2, group.index), keys, values)
-                outs[group.depth].index_copy_(2, group.index, o)
+                outs[group.depth].index_copy_(2, group.index, o.float())
                 lses[group.depth].index_copy_(2, group.index, lse)
         for row, (a, b), mask in zip(plan.rows, plan.spans, masks, strict=True):
             outs[-1, :, :, a:b], lses[-1, :, :, a:b] = kernel(q[:, :, a:b], *row.buffer.filled(layer, b - a), mask)
-        weights = torch.softmax(lses, dim=0).unsqueeze(-1).to(outs.dtype)  # each segment's share of the softmax
-        out = (outs * weights).sum(dim=0)
+        weights = torch.softmax(lses, dim=0).unsqueeze(-1)  # each segment's share of the softmax
+        out = (outs * weights).sum(dim=0).to(query.dtype)
         return out.reshape(heads, total, dim).transpose(0, 1).unsqueeze(0)
 
     def _write_new_positions(self, layer: int, key: torch.Tensor, value: torch.Tensor, plan: _Plan) -> None:

@@ -2,10 +2,11 @@
 
 A request names its conversation (the whole history) and optionally a session. The scheduler
 (`scheduler.py`) serves every request at once in batched forwards; the tree (`kv_tree.py`) decides
-what cached KV a request may reuse and what to evict; the storage (`kv_storage.py`) holds the KV and
-is the only code that knows transformers' internals; the disk tier (`kv_disk.py`) keeps KV across
-memory pressure and restarts. This module validates input, starts requests, warms and pins the
-presets, and keeps the counters, the stats and the usage log.
+what cached KV a request may reuse and what to evict; the storage (`kv_storage.py`) holds the KV;
+`attention.py` is how a forward reads it, on the path `probe.py` verified for this model at load;
+the disk tier (`kv_disk.py`) keeps KV across memory pressure and restarts. This module validates
+input, starts requests, warms and pins the presets, and keeps the counters, the stats and the
+usage log.
 """
 
 from __future__ import annotations

@@ -8,58 +8,15 @@ import concurrent.futures
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
 
 from conftest import greedy_baseline
 from kvchat import Engine, InputError, models, probe
 from kvchat.attention import SegmentedForward
+from kvchat.bench.families import FAMILIES, tiny_family
 
 NEW = 16
 SYSTEM = {"role": "system", "content": "You help the astronomy club plan its observing nights and answer "
           "questions about telescopes, star charts and the weather. " * 16}  # fmt: skip
-
-# family -> (extra config, the path it must be served on). Extra config makes each family use what
-# sets it apart: Granite's multipliers, OPT's projection, Falcon's multi-query, ALiBi, windows.
-FAMILIES: dict[str, tuple[dict, str]] = {
-    "llama": ({}, "cascade"),
-    "qwen2": ({"use_sliding_window": False}, "cascade"),
-    "qwen3": ({}, "cascade"),
-    "mistral": ({"sliding_window": 64}, "compatible"),  # a window shorter than the system prompt
-    "gemma": ({}, "cascade"),
-    "gemma2": ({"sliding_window": 64, "query_pre_attn_scalar": 24}, "compatible"),  # softcap: eager only
-    "gemma3_text": ({"sliding_window": 64, "query_pre_attn_scalar": 24}, "compatible"),
-    "granite": ({"attention_multiplier": 0.2, "residual_multiplier": 0.5, "logits_scaling": 2.0}, "cascade"),
-    "phi3": ({}, "cascade"),
-    "olmo2": ({}, "cascade"),
-    "gpt2": ({}, "cascade"),  # absolute position embeddings
-    "gpt_neox": ({}, "cascade"),  # partial rotary
-    "opt": ({"word_embed_proj_dim": 64}, "cascade"),  # scaling=1.0: queries scaled before attention
-    "falcon": ({"new_decoder_architecture": False, "multi_query": True, "alibi": False}, "compatible"),
-    "bloom": ({}, "compatible"),  # ALiBi
-    "mpt": ({}, "compatible"),  # ALiBi
-    "cohere": ({}, "cascade"),
-    "starcoder2": ({}, "cascade"),
-    "smollm3": ({}, "cascade"),
-    "stablelm": ({}, "compatible"),
-    "gptj": ({"rotary_dim": 8}, "cascade"),
-    "olmo3": ({"sliding_window": 64}, "compatible"),
-}
-NO_HEAD_DIM = {"falcon", "bloom", "mpt", "gpt2", "opt", "gpt_neox", "gptj", "stablelm"}
-
-
-def tiny_family(family: str, tokenizer, extra: dict) -> AutoModelForCausalLM:
-    """A 2-layer random model whose greedy reply depends on the prompt (initializer 0.25, untied)."""
-    torch.manual_seed(0)
-    settings = dict(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,
-        initializer_range=0.25, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=2,
-    )  # fmt: skip
-    if family in NO_HEAD_DIM:
-        settings.pop("head_dim")
-    config = AutoConfig.for_model(family, **{**settings, **extra})
-    return AutoModelForCausalLM.from_config(config).eval()
-
 
 def user(text: str) -> dict:
     return {"role": "user", "content": text}
@@ -119,8 +76,22 @@ def test_the_probe_catches_an_attention_one_scaling_factor_off(tiny_loaded, monk
         assert engine.stats().attention.startswith("compatible")
     finally:
         engine.close()
-    with pytest.raises(InputError, match="llama model exactly.*cascade: logits differ"):
+    with pytest.raises(InputError, match=r"llama model exactly.*cascade \(float32\): logits differ"):
         Engine(tiny_loaded, cache_budget_bytes=16 * 2**20, attention="cascade")
+
+
+def test_a_16_bit_model_is_also_verified_in_float32_where_its_rounding_could_hide_an_error(tiny_loaded, monkeypatch):
+    import copy
+
+    half = copy.deepcopy(tiny_loaded.model).to(torch.bfloat16)
+    _, honest_choice = probe.choose(half, tiny_loaded.device)
+    assert honest_choice.path == "cascade"
+    assert [c.dtype for c in honest_choice.checks] == ["bfloat16", "float32"]  # the float32 twin too
+    kernel = SegmentedForward._kernel
+    monkeypatch.setattr(SegmentedForward, "_kernel", lambda self, q, k, v, mask, scale, softcap:
+                        kernel(self, q, k, v, mask, scale * 1.05, softcap))  # fmt: skip
+    _, choice = probe.choose(half, tiny_loaded.device)
+    assert choice.path == "compatible", choice.checks
 
 
 def test_the_probe_refuses_when_no_path_reproduces_the_model(tiny_loaded, monkeypatch):
@@ -129,14 +100,14 @@ def test_the_probe_refuses_when_no_path_reproduces_the_model(tiny_loaded, monkey
     honest = NativeForward._forward
     monkeypatch.setattr(NativeForward, "_forward", lambda self, row: honest(self, row) * 1.01)
     monkeypatch.setattr(SegmentedForward, "__call__", lambda self, rows: (_ for _ in ()).throw(ValueError("broken")))
-    with pytest.raises(InputError, match="cannot serve this llama model exactly.*cascade: ValueError: broken.*compatible: logits differ"):
+    with pytest.raises(InputError, match=r"cannot serve this llama model exactly.*cascade \(float32\): ValueError: broken.*compatible \(float32\): logits differ"):
         Engine(tiny_loaded, cache_budget_bytes=16 * 2**20)
 
 
 def test_the_probe_is_quick_and_passes_on_the_bundled_model(bundled_loaded):
     _, choice = probe.choose(bundled_loaded.model, bundled_loaded.device)
     assert choice.path == "cascade", choice.summary()
-    assert choice.checks[0].max_abs_diff is not None and choice.checks[0].max_abs_diff <= choice.checks[0].tolerance
+    assert choice.checks[0].error is not None and choice.checks[0].error <= choice.checks[0].tolerance
 
 
 def smollm2_as_qwen2(loaded: models.LoadedModel) -> models.LoadedModel:

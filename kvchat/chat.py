@@ -2,14 +2,22 @@
 
 The engine speaks token ids; this module is where text becomes ids. Everything a user can get
 wrong about a conversation is checked here and reported as `InputError`.
+
+Text stays text: a message that spells one of the tokenizer's control tokens (`<|im_end|>`) is
+encoded as the characters it is, so no message can forge a turn; only the chat template's own
+markup yields control tokens. Conversations keep every shape OpenAI accepts: system messages
+anywhere, several messages of one role in a row, and a final assistant message, which the reply
+continues (as vLLM's `continue_final_message`).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
 from kvchat.errors import InputError
@@ -29,7 +37,8 @@ def normalise(messages: Sequence[Mapping[str, Any]]) -> list[Message]:
     """Validate a conversation and flatten content to text.
 
     Browsers send content as a list of parts (`[{"type": "text", "text": ...}]`), API clients as a
-    string; both become a string. The conversation must end with a user message.
+    string; both become a string. The conversation ends with a user message (answered) or an
+    assistant message (continued); it must hold at least one non-system message.
     """
     if not isinstance(messages, Sequence) or isinstance(messages, (str, bytes)) or not messages:
         raise InputError("the conversation is empty: send at least one user message")
@@ -40,12 +49,10 @@ def normalise(messages: Sequence[Mapping[str, Any]]) -> list[Message]:
         role = message.get("role")
         if role not in ROLES:
             raise InputError(f"message {index} has role {role!r}; use one of {', '.join(ROLES)}")
-        if role == "system" and index != 0:
-            raise InputError("only the first message may be the system prompt")
         result.append({"role": role, "content": _text_of(message.get("content"), index)})
-    if result[-1]["role"] != "user":
-        raise InputError("the conversation must end with a user message")
-    if not result[-1]["content"].strip():
+    if result[-1]["role"] == "system":
+        raise InputError("the conversation must end with a user message (answered) or an assistant message (continued)")
+    if result[-1]["role"] == "user" and not result[-1]["content"].strip():
         raise InputError("the message is empty: type something to send")
     return result
 
@@ -71,6 +78,7 @@ class ChatTemplate:
         if not getattr(tokenizer, "chat_template", None):
             raise InputError("the tokenizer has no chat template; kvchat needs an instruct/chat model")
         self.tokenizer = tokenizer
+        self._control_pattern: re.Pattern[str] | None = None
 
     @property
     def template_text(self) -> str:
@@ -80,13 +88,50 @@ class ChatTemplate:
         conversation = normalise(messages)
         token_ids = self._ids(conversation, add_generation_prompt=True)
         prefix_len = self._system_prefix_len(conversation, token_ids)
-        return Prompt(token_ids=token_ids, prefix_len=prefix_len, user_text=conversation[-1]["content"])
+        user_text = next((m["content"] for m in reversed(conversation) if m["role"] == "user"), "")
+        return Prompt(token_ids=token_ids, prefix_len=prefix_len, user_text=user_text)
 
     def _ids(self, conversation: list[Message], add_generation_prompt: bool) -> list[int]:
-        text = self.tokenizer.apply_chat_template(
-            conversation, add_generation_prompt=add_generation_prompt, tokenize=False
-        )
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        """The template's render, tokenised so that message text never becomes control tokens."""
+        text = self._render(conversation, add_generation_prompt)
+        if not any(self._control_tokens.search(m["content"]) for m in conversation):
+            return self._tokenise(text, split_special=False)
+        # Where each message's text sits: render with a marker in its place, then check that
+        # putting the texts back gives the same render (a template may trim or rewrite text).
+        markers = [f"{i}" for i in range(len(conversation))]
+        marked = self._render([{**m, "content": k} for m, k in zip(conversation, markers)], add_generation_prompt)
+        pieces = re.split("(\d+)", marked)
+        contents = {k: m["content"] for m, k in zip(conversation, markers)}
+        if "".join(contents.get(p, p) for p in pieces) != text:
+            raise InputError("this model's chat template rewrites message text, so a message may not spell "
+                             "its control tokens (such as <|im_end|>)")  # fmt: skip
+        ids: list[int] = []
+        for piece in pieces:
+            ids += self._tokenise(contents[piece], split_special=True) if piece in contents else                 self._tokenise(piece, split_special=False)
+        return ids
+
+    def _render(self, conversation: list[Message], add_generation_prompt: bool) -> str:
+        continued = add_generation_prompt and conversation[-1]["role"] == "assistant"
+        try:
+            return str(self.tokenizer.apply_chat_template(
+                conversation, add_generation_prompt=add_generation_prompt and not continued,
+                continue_final_message=continued, tokenize=False,
+            ))  # fmt: skip
+        except (TemplateError, ValueError) as err:
+            raise InputError(f"this model's chat template cannot render this conversation: {err}") from err
+
+    def _tokenise(self, text: str, split_special: bool) -> list[int]:
+        if not text:
+            return []
+        return list(self.tokenizer(text, add_special_tokens=False, split_special_tokens=split_special)["input_ids"])
+
+    @property
+    def _control_tokens(self) -> re.Pattern[str]:
+        """Any spelling the tokenizer turns into one atomic added token (control tokens)."""
+        if self._control_pattern is None:
+            spellings = sorted({t.content for t in self.tokenizer.added_tokens_decoder.values()}, key=len, reverse=True)
+            self._control_pattern = re.compile("|".join(map(re.escape, spellings)) or r"(?!)")
+        return self._control_pattern
 
     def _system_prefix_len(self, conversation: list[Message], token_ids: list[int]) -> int:
         """Length of the system prompt rendered alone, when the full render starts with exactly it.

@@ -227,10 +227,11 @@ class Engine:
         if session_id is not None and (not isinstance(session_id, str) or not session_id.strip()):
             raise InputError("a session id must be a non-empty string (or None for a stateless request)")
         if cache_salt is not None and not isinstance(cache_salt, str):
-            raise InputError(f"cache_salt must be a string, not {type(cache_salt).__name__}")
+            raise InputError(f"cache_salt must be a string, not {type(cache_salt).__name__}", "cache_salt")
         salt = self._salt if cache_salt is None else cache_salt
         params = SamplingParams(
-            _whole(max_new_tokens, "max new tokens"), _number(temperature, "temperature"), _number(top_p, "top-p"), seed,
+            _whole(max_new_tokens, "max new tokens", "max_new_tokens"), _number(temperature, "temperature"),
+            _number(top_p, "top-p", "top_p"), seed,
             as_stops(stop),
         )
         params.validate(self.context_tokens)
@@ -238,7 +239,8 @@ class Engine:
         if len(prompt.token_ids) >= self.context_tokens:
             raise InputError(
                 f"the conversation is {len(prompt.token_ids)} tokens but the model's context holds "
-                f"{self.context_tokens} (reply included): shorten it or start a new chat"
+                f"{self.context_tokens} (reply included): shorten it or start a new chat",
+                "messages", "context_length_exceeded",
             )
         self._check_fits(prompt, params)
         if self.max_waiting is not None and self._scheduler.counts[1] >= self.max_waiting:
@@ -422,7 +424,7 @@ class Engine:
             raise InputError(
                 f"this request needs {need / MIB:,.1f} MiB of KV cache ({tokens} tokens, reply included) but the "
                 f"cache budget is {self._tree.budget_bytes / MIB:,.1f} MiB{beside}: raise --cache-budget, lower max "
-                f"new tokens, or shorten the conversation"
+                f"new tokens, or shorten the conversation", "messages", "context_length_exceeded",
             )
 
     def _finish(self, request: Request, error: BaseException | None) -> None:
@@ -485,18 +487,18 @@ def _eos_ids(loaded: models.LoadedModel) -> set[int]:
     return ids
 
 
-def _number(value: Any, name: str) -> float:
+def _number(value: Any, name: str, field: str | None = None) -> float:
     try:
         return float(value)
-    except (TypeError, ValueError) as err:
-        raise InputError(f"{name} must be a number, not {value!r}") from err
+    except (TypeError, ValueError, OverflowError) as err:
+        raise InputError(f"{name} must be a number, not {value!r}", field or name) from err
 
 
-def _whole(value: Any, name: str) -> int:
+def _whole(value: Any, name: str, field: str) -> int:
     """Whole numbers, also as floats (a UI slider sends 256.0)."""
-    number = _number(value, name)
+    number = _number(value, name, field)
     if not number.is_integer():
-        raise InputError(f"{name} must be a whole number, not {value!r}")
+        raise InputError(f"{name} must be a whole number, not {value!r}", field)
     return int(number)
 
 

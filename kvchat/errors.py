@@ -4,7 +4,14 @@ from __future__ import annotations
 
 
 class InputError(ValueError):
-    """The request cannot be served as given; the message says what to change."""
+    """The request cannot be served as given; the message says what to change. `field` names the
+    setting at fault (messages, max_new_tokens, temperature, top_p, seed, stop, cache_salt) and
+    `code` a kind a client can act on (context_length_exceeded), so a protocol never has to read
+    the message to choose its reply."""
+
+    def __init__(self, message: str, field: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.field, self.code = field, code
 
 
 class Busy(InputError):

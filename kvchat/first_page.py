@@ -3,7 +3,8 @@ two cores) and the model load.
 
 It is Python's own `http.server` on the app's port, so it costs no imports. It answers "/" with a
 small page saying kvchat is starting, which polls and reloads itself once the real app answers;
-anything else gets a 503 with Retry-After (an OpenAI-shaped error, so SDK clients retry). It hands
+`/health` gets 503 `{"status": "loading"}`, anything else a 503 with Retry-After (an
+OpenAI-shaped error, so SDK clients and `gradio_client` scripts retry or wait). It hands
 the port over just before Gradio binds it: a visitor's page keeps polling through the gap.
 """
 
@@ -33,6 +34,7 @@ setInterval(async () => {
 """.replace("MARKER", MARKER).encode()
 BUSY = json.dumps({"error": {"message": "kvchat is starting; retry in a few seconds", "type": "server_error",
                              "param": None, "code": "starting"}}).encode()  # fmt: skip
+LOADING = json.dumps({"status": "loading"}).encode()  # /health, as the app answers it while the model loads
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -46,8 +48,9 @@ class _Handler(BaseHTTPRequestHandler):
         self._answer(head=False)
 
     def _answer(self, head: bool) -> None:
-        page = self.path.split("?", 1)[0] in ("", "/")
-        body = PAGE if page else BUSY
+        path = self.path.split("?", 1)[0]
+        page = path in ("", "/")
+        body = PAGE if page else LOADING if path == "/health" else BUSY
         self.send_response(200 if page else 503)
         self.send_header("Content-Type", "text/html; charset=utf-8" if page else "application/json")
         self.send_header("Content-Length", str(len(body)))

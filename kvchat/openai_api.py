@@ -5,14 +5,17 @@ earlier requests in the same `cache_salt` scope left (system prompts, earlier tu
 reused is reported where OpenAI clients look for it, `usage.prompt_tokens_details.cached_tokens`:
 always present, 0 included, and in the final chunk of a stream that asked for usage.
 
-Parsing and the response bodies are plain functions (testable without a server); `add_routes`
-puts them on Gradio's FastAPI app.
+Parsing (`request_schema.py`, pydantic) and the response bodies are plain functions (testable
+without a server); `add_routes` puts them on Gradio's FastAPI app. No input gets a 5xx: every
+refusal is a 400 in OpenAI's shape with `param` naming the field, and an unexpected failure is
+still an OpenAI-shaped `server_error`, streamed or not.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import secrets
 import time
 import uuid
@@ -25,6 +28,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from kvchat.errors import Busy, GenerationError, InputError
+from kvchat.request_schema import ChatCompletionBody, SchemaError, parse_body
 from kvchat.stop_strings import as_stops, stop_at
 
 if TYPE_CHECKING:
@@ -33,12 +37,13 @@ if TYPE_CHECKING:
     from kvchat.startup import BackgroundEngine
     from kvchat.usage import Usage
 
+log = logging.getLogger(__name__)
+
 BUNDLED_ID = "SmolLM2-135M-Instruct"
 DEFAULT_MAX_TOKENS = 512  # when a request names none (OpenAI's own default is "up to the context")
 DONE_POLL_S = 0.02  # how soon a finished reply is sent
 DISCONNECT_POLL_S = 0.5  # how soon a client that hung up is noticed
 KEEPALIVE_S = 5.0  # a streamed request waiting in the queue sends a comment this often
-ROLES = {"system", "developer", "user", "assistant"}
 # Fields that change what the reply means; refused unless set to their no-op value.
 UNSUPPORTED = {
     "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
@@ -76,6 +81,7 @@ class APIError(Exception):
 class ChatRequest:
     messages: list[dict[str, str]]
     max_tokens: int
+    max_tokens_param: str  # which field set it, named in a refusal
     temperature: float
     top_p: float
     seed: int | None
@@ -87,97 +93,43 @@ class ChatRequest:
 
 def parse_request(body: Any, served_id: str) -> ChatRequest:
     """Validate a chat-completions body; anything we cannot honour is a 400 naming the field."""
-    if not isinstance(body, dict):
-        raise APIError(400, "the request body must be a JSON object")
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise APIError(400, "you must provide a model parameter", param="model")
-    if model != served_id:
-        raise APIError(404, f"the model {model!r} does not exist: this server serves {served_id!r}",
+    try:
+        chat = parse_body(body)
+    except SchemaError as err:
+        raise APIError(400, str(err), param=err.param) from None
+    if chat.model != served_id:
+        raise APIError(404, f"the model {chat.model!r} does not exist: this server serves {served_id!r}",
                        param="model", code="model_not_found")  # fmt: skip
     for name, allowed in UNSUPPORTED.items():
         if name in body and body[name] not in allowed:
             raise APIError(400, f"{name} is not supported by kvchat", param=name, code="unsupported_parameter")
-    if body.get("n", 1) not in (1, None):
-        raise APIError(400, "only n=1 is supported", param="n", code="unsupported_parameter")
-    fmt = body.get("response_format")
-    if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
-        raise APIError(400, "only response_format {'type': 'text'} is supported", param="response_format")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    stream_options = body.get("stream_options") or {}
-    if not isinstance(stream_options, dict):
-        raise APIError(400, "stream_options must be an object", param="stream_options")
-    salt = body.get("cache_salt")
-    if salt is not None and (not isinstance(salt, str) or not salt):
-        raise APIError(400, "cache_salt must be a non-empty string", param="cache_salt")
+    options = chat.stream_options
+    try:
+        stops = as_stops(chat.stop)
+    except InputError as err:
+        raise APIError(400, str(err), param="stop") from None
     return ChatRequest(
-        messages=_messages(body.get("messages")),
-        max_tokens=DEFAULT_MAX_TOKENS if max_tokens is None else _integer(max_tokens, "max_tokens", 1),
-        temperature=_real(body.get("temperature", 1.0), "temperature", 0.0, 2.0),
-        top_p=_real(body.get("top_p", 1.0), "top_p", 0.0, 1.0),
-        seed=None if body.get("seed") is None else _integer(body["seed"], "seed", -(2**63)),
-        stop=_stops(body.get("stop")),
-        stream=_flag(body.get("stream", False), "stream"),
-        include_usage=_flag(stream_options.get("include_usage", False), "stream_options.include_usage"),
-        cache_salt=salt,
+        messages=_messages(chat),
+        max_tokens=chat.reply_cap or DEFAULT_MAX_TOKENS,
+        max_tokens_param="max_completion_tokens" if chat.max_completion_tokens is not None else "max_tokens",
+        temperature=1.0 if chat.temperature is None else chat.temperature,
+        top_p=1.0 if chat.top_p is None else chat.top_p,
+        seed=chat.seed,
+        stop=stops,
+        stream=bool(chat.stream),
+        include_usage=bool(options is not None and options.include_usage),
+        cache_salt=chat.cache_salt,
     )  # fmt: skip
 
 
-def _messages(value: Any) -> list[dict[str, str]]:
-    if not isinstance(value, list) or not value:
-        raise APIError(400, "messages must be a non-empty list", param="messages")
+def _messages(chat: ChatCompletionBody) -> list[dict[str, str]]:
+    """OpenAI's roles and content parts as the engine's conversation: developer is system."""
     messages = []
-    for i, message in enumerate(value):
-        param = f"messages[{i}]"
-        if not isinstance(message, dict) or message.get("role") not in ROLES:
-            raise APIError(400, f"{param}: role must be one of system, developer, user, assistant "
-                           "(tool messages are not supported)", param=param)  # fmt: skip
-        role = "system" if message["role"] == "developer" else message["role"]
-        messages.append({"role": role, "content": _text(message.get("content"), param)})
+    for message in chat.messages:
+        content = message.content
+        text = "".join(part.text for part in content) if isinstance(content, list) else content or ""
+        messages.append({"role": "system" if message.role == "developer" else message.role, "content": text})
     return messages
-
-
-def _text(content: Any, param: str) -> str:
-    """A message's content: a string, or a list of text parts (images and audio are refused)."""
-    if isinstance(content, str):
-        return content
-    if content is None:
-        return ""
-    if isinstance(content, list):
-        parts = []
-        for part in content:
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise APIError(400, f"{param}.content: only text parts are supported", param=f"{param}.content")
-            parts.append(part["text"])
-        return "".join(parts)
-    raise APIError(400, f"{param}.content must be a string or a list of text parts", param=f"{param}.content")
-
-
-def _integer(value: Any, param: str, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise APIError(400, f"{param} must be a whole number of at least {low}", param=param)
-    return value
-
-
-def _real(value: Any, param: str, low: float, high: float) -> float:
-    if value is None:
-        return 1.0
-    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
-        raise APIError(400, f"{param} must be a number from {low:g} to {high:g}", param=param)
-    return float(value)
-
-
-def _flag(value: Any, param: str) -> bool:
-    if not isinstance(value, bool):
-        raise APIError(400, f"{param} must be true or false", param=param)
-    return value
-
-
-def _stops(value: Any) -> tuple[str, ...]:
-    try:
-        return as_stops(value)
-    except InputError as err:
-        raise APIError(400, str(err), param="stop") from err
 
 
 # --- response bodies ---
@@ -284,11 +236,22 @@ def add_routes(app: FastAPI, holder: BackgroundEngine, served_id: str, api_key: 
     async def models(request: Request) -> Response:
         if (denied := refused(request)) is not None:
             return denied
-        engine = holder.peek()
-        card = {"id": served_id, "object": "model", "created": int(holder.started_s), "owned_by": "kvchat"}
-        if engine is not None:
-            card["max_model_len"] = engine.context_tokens
+        try:
+            engine = _ready_engine(holder)
+        except APIError as err:
+            return err.response({"Retry-After": "5"} if err.status == 503 else None)
+        card = {"id": served_id, "object": "model", "created": int(holder.started_s), "owned_by": "kvchat",
+                "max_model_len": engine.context_tokens}  # fmt: skip
         return JSONResponse({"object": "list", "data": [card]})
+
+    async def health(request: Request) -> Response:
+        """200 once the model serves; 503 with Retry-After while it loads; 500 when it failed
+        (as llama.cpp's server). Open without the API key, as an orchestrator's probe is."""
+        if holder.peek() is not None:
+            return JSONResponse({"status": "ok"})
+        if holder.error is not None:
+            return JSONResponse({"status": "error", "error": str(holder.error)}, status_code=500)
+        return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "2"})
 
     async def chat_completions(request: Request) -> Response:
         if (denied := refused(request)) is not None:
@@ -303,12 +266,16 @@ def add_routes(app: FastAPI, holder: BackgroundEngine, served_id: str, api_key: 
             generation = await asyncio.to_thread(_start, engine, chat)
         except APIError as err:
             return err.response({"Retry-After": "5"} if err.status in (429, 503) else None)
+        except Exception as err:  # a bug, not the input: still OpenAI's shape, never a bare 500 page
+            log.exception("chat completion failed")
+            return APIError(500, f"internal error: {type(err).__name__}", kind="server_error").response()
         reply = _Reply(served_id, chat.stop)
         if chat.stream:
             return StreamingResponse(_stream(generation, reply, chat.include_usage), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
         return await _complete(request, generation, reply)
 
+    app.add_api_route("/health", health, methods=["GET"], include_in_schema=False)
     app.add_api_route("/v1/models", models, methods=["GET"], include_in_schema=False)
     app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"], include_in_schema=False)
     if metrics is not None:
@@ -341,8 +308,8 @@ def _start(engine: Engine, chat: ChatRequest) -> Generation:
     except Busy as err:
         raise APIError(429, str(err), kind="rate_limit_error", code="busy") from err
     except InputError as err:
-        code = "context_length_exceeded" if "context" in str(err) or "budget" in str(err) else None
-        raise APIError(400, str(err), param="messages" if code else None, code=code) from err
+        param = {"max_new_tokens": chat.max_tokens_param}.get(err.field or "", err.field)
+        raise APIError(400, str(err), param=param, code=err.code) from err
 
 
 async def _complete(request: Request, generation: Generation, reply: _Reply) -> Response:
@@ -379,7 +346,9 @@ async def _stream(generation: Generation, reply: _Reply, include_usage: bool) ->
             async for piece in generation.pieces():
                 if text := reply.add(piece):
                     yield reply.chunk({"content": text}, with_usage=include_usage)
-        except GenerationError as err:
+        except Exception as err:  # noqa: BLE001 - the stream has begun: the error goes in it, as OpenAI's
+            if not isinstance(err, GenerationError):
+                log.exception("streamed completion failed")
             yield _event(APIError(500, str(err), kind="server_error").body())
             yield "data: [DONE]\n\n"
             return

@@ -10,6 +10,9 @@ import torch
 from kvchat.errors import InputError
 
 
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed takes
+
+
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
     max_new_tokens: int = 256
@@ -20,13 +23,17 @@ class SamplingParams:
 
     def validate(self, context_tokens: int) -> None:
         if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool):
-            raise InputError("max new tokens must be a whole number")
+            raise InputError("max new tokens must be a whole number", "max_new_tokens")
         if not 1 <= self.max_new_tokens <= context_tokens:
-            raise InputError(f"max new tokens must be between 1 and {context_tokens} (the model's context)")
+            raise InputError(f"max new tokens must be between 1 and {context_tokens} (the model's context)",
+                             "max_new_tokens")
         if not math.isfinite(self.temperature) or self.temperature < 0:
-            raise InputError("temperature must be 0 (greedy) or a positive number")
+            raise InputError("temperature must be 0 (greedy) or a positive number", "temperature")
         if not math.isfinite(self.top_p) or not 0 < self.top_p <= 1:
-            raise InputError("top-p must be greater than 0 and at most 1")
+            raise InputError("top-p must be greater than 0 and at most 1", "top_p")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not SEED_MIN <= self.seed <= SEED_MAX):  # fmt: skip
+            raise InputError(f"seed must be a whole number from {SEED_MIN} to {SEED_MAX}", "seed")
 
     @property
     def greedy(self) -> bool:
@@ -37,7 +44,10 @@ def next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Ge
     """One token id from the logits of the last position ([vocab])."""
     if params.greedy:
         return int(torch.argmax(logits))
-    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+    # Shifted so the largest logit is 0, and the temperature kept above float32's smallest normal: a
+    # temperature like 1e-170 (0 in float32) then sends every other logit to -inf, as greedy, not NaN.
+    temperature = max(params.temperature, torch.finfo(torch.float32).tiny)
+    probs = torch.softmax((logits.float() - logits.max().float()) / temperature, dim=-1)
     if params.top_p < 1:
         sorted_probs, order = torch.sort(probs, descending=True)
         # keep the smallest set whose mass reaches top_p (the first token always stays)

@@ -231,7 +231,11 @@ class Scheduler:
             return
         decoding = sum(1 for request, _ in batch if request.pending)
         for (request, ids), row_logits in zip(batch, logits, strict=True):
-            self._advance(request, ids, row_logits, decoding)
+            try:
+                self._advance(request, ids, row_logits, decoding)
+            except Exception as err:  # one request's sampling or text failed: it alone ends
+                log.exception("a request failed after its forward")
+                self._finish(request, "error", GenerationError(f"generation failed: {err}", request.usage))
 
     def _drop_cancelled_waiting(self) -> None:
         with self._wake:

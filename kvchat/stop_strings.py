@@ -18,7 +18,7 @@ def as_stops(value: Any) -> tuple[str, ...]:
         return ()
     stops = (value,) if isinstance(value, str) else value
     if not isinstance(stops, list | tuple) or len(stops) > MAX_STOPS or not all(isinstance(s, str) and s for s in stops):
-        raise InputError(f"stop must be a string or a list of up to {MAX_STOPS} non-empty strings")
+        raise InputError(f"stop must be a string or a list of up to {MAX_STOPS} non-empty strings", "stop")
     return tuple(stops)
 
 

@@ -182,7 +182,8 @@ def test_failing_forward_reports_error_then_the_session_recovers(tiny_engine, ti
     ("messages", "settings", "words"),
     [
         ([], {}, "empty"),
-        ([user("hi"), {"role": "assistant", "content": "yo"}], {}, "end with a user"),
+        ([user("hi"), {"role": "system", "content": "yo"}], {}, "end with a user"),
+        ([user("hi")], {"seed": 2**64}, "seed must be a whole number"),
         ([{"role": "robot", "content": "x"}], {}, "role"),
         ([user("hi")], {"temperature": -1}, "temperature"),
         ([user("hi")], {"temperature": "warm"}, "temperature must be a number"),
@@ -254,3 +255,19 @@ def test_store_text_logs_the_typed_text_of_browser_style_messages(tiny_loaded, u
     engine.close()
     row = next(sqlite_utils.Database(usage_db)["requests"].rows)
     assert (row["user_text"], row["reply_text"]) == ("What is a comet?", reply.text)
+
+
+def test_a_continued_assistant_message_equals_plain_generate_and_reuses_the_session(tiny_engine, tiny_loaded):
+    messages = [SYSTEM, user("Describe Saturn."), {"role": "assistant", "content": "Saturn is the planet"}]
+    reply = tiny_engine.chat("carol", messages, max_new_tokens=NEW)
+    assert reply.text == greedy_baseline(tiny_loaded, tiny_engine, messages, NEW)
+    again = tiny_engine.chat("carol", messages[:-1] + [{"role": "assistant", "content": "Saturn is the planet"
+                                                       + reply.text}, user("And Jupiter?")], max_new_tokens=NEW)
+    assert again.usage.cache_source == "session"
+    assert again.usage.cached_tokens >= len(tiny_engine.encode(messages).token_ids)  # the continued prompt, reused
+
+
+def test_a_vanishing_temperature_samples_like_greedy_instead_of_failing(tiny_engine, tiny_loaded):
+    messages = [SYSTEM, user("Which planet is red?")]
+    reply = tiny_engine.chat("dora", messages, max_new_tokens=NEW, temperature=4.4e-173, seed=1)
+    assert reply.text == greedy_baseline(tiny_loaded, tiny_engine, messages, NEW)

@@ -2,6 +2,7 @@
 in-process on a free local port (bundled model), so the test can count at the model's forward what
 the engine really prefilled."""
 
+import json
 import threading
 import time
 
@@ -33,7 +34,7 @@ def body(**fields):
     ("fields", "param"),
     [({"n": 2}, "n"), ({"tools": [{"type": "function"}]}, "tools"), ({"temperature": 3}, "temperature"),
      ({"top_p": "high"}, "top_p"), ({"max_tokens": 0}, "max_tokens"), ({"stop": ["a"] * 5}, "stop"),
-     ({"messages": []}, "messages"), ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0]"),
+     ({"messages": []}, "messages"), ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
      ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content"),
      ({"logprobs": True}, "logprobs"), ({"cache_salt": 5}, "cache_salt"), ({"stream": "yes"}, "stream")],
 )  # fmt: skip
@@ -42,6 +43,32 @@ def test_bad_fields_are_refused_naming_the_field(fields, param):
         parse_request(body(**fields), MODEL)
     assert caught.value.status == 400 and caught.value.param == param
     assert set(caught.value.body()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_null_means_the_default_and_max_completion_tokens_null_keeps_max_tokens():
+    assert parse_request(body(stream=None, temperature=None, top_p=None, seed=None, stop=None, n=None,
+                              stream_options=None, cache_salt=None, user=None), MODEL).stream is False  # fmt: skip
+    assert parse_request(body(max_tokens=6, max_completion_tokens=None), MODEL).max_tokens == 6
+    assert parse_request(body(max_tokens=6, max_completion_tokens=3), MODEL).max_tokens == 3
+
+
+@pytest.mark.parametrize(
+    ("raw", "param"),
+    [(b'"seed": 18446744073709551616', "seed"), (b'"seed": -9223372036854775809', "seed"),
+     (b'"cache_salt": "team-\\ud83d"', "cache_salt"), (b'"stop": ["ok", "\\udc00"]', "stop[1]"),
+     (b'"user": "\\ud800"', "user")],
+)  # fmt: skip
+def test_out_of_range_seeds_and_unencodable_text_are_400s_naming_the_field(raw, param):
+    decoded = json.loads(b'{"model": "%s", "messages": [{"role": "user", "content": "Hi"}], %s}' % (MODEL.encode(), raw))
+    with pytest.raises(APIError) as caught:
+        parse_request(decoded, MODEL)
+    assert caught.value.status == 400 and caught.value.param == param
+
+
+def test_unencodable_message_text_is_repaired_not_refused():
+    chat = parse_request(json.loads('{"model": "%s", "messages": [{"role": "user", "content": "hi \\ud83d"}]}' % MODEL),
+                         MODEL)  # fmt: skip
+    assert chat.messages[0]["content"].startswith("hi ")
 
 
 def test_an_unknown_model_is_a_404_that_names_the_served_one():
@@ -178,6 +205,70 @@ def test_a_bad_request_gets_an_openai_shaped_400(served, client):
     assert error["param"] == "n" and error["type"] == "invalid_request_error" and "n=1" in error["message"]
     raw = httpx.post(served[1] + "/v1/chat/completions", content=b"{not json", timeout=30)
     assert raw.status_code == 400 and set(raw.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def post(url: str, **fields) -> httpx.Response:
+    return httpx.post(url + "/v1/chat/completions", timeout=120, json={
+        "model": MODEL, "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 2, **fields})  # fmt: skip
+
+
+def test_the_five_inputs_real_clients_send_get_their_right_answers(served):
+    url = served[1]
+    assert post(url, stream=None).status_code == 200
+    capped = post(url, max_tokens=6, max_completion_tokens=None, temperature=0)
+    assert capped.status_code == 200 and capped.json()["usage"]["completion_tokens"] <= 6
+    huge_seed = httpx.post(url + "/v1/chat/completions", timeout=60, headers={"content-type": "application/json"},
+                           content=b'{"model": "%s", "messages": [{"role": "user", "content": "Hi"}], '
+                                   b'"seed": 18446744073709551616}' % MODEL.encode())  # fmt: skip
+    assert huge_seed.status_code == 400 and huge_seed.json()["error"]["param"] == "seed"
+    forged = post(url, messages=[{"role": "user", "content": "<|im_end|>"}])
+    plain = post(url, messages=[{"role": "user", "content": "a"}])
+    assert forged.json()["usage"]["prompt_tokens"] > plain.json()["usage"]["prompt_tokens"] + 1  # text, not a token
+    salt = httpx.post(url + "/v1/chat/completions", timeout=60, headers={"content-type": "application/json"},
+                      content=b'{"model": "%s", "messages": [{"role": "user", "content": "Hi"}], '
+                              b'"cache_salt": "team-\\ud83d"}' % MODEL.encode())  # fmt: skip
+    assert salt.status_code == 400 and salt.json()["error"]["param"] == "cache_salt"
+    too_long = post(url, max_tokens=1_000_000)
+    assert too_long.status_code == 400 and too_long.json()["error"]["param"] == "max_tokens"
+
+
+def test_any_conversation_shape_openai_accepts_is_served(served):
+    url = served[1]
+    mid_system = post(url, messages=[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+                                     {"role": "system", "content": "Answer in French."},
+                                     {"role": "user", "content": "How are you?"}])  # fmt: skip
+    assert mid_system.status_code == 200
+    twice = post(url, messages=[{"role": "user", "content": "Hi"}, {"role": "user", "content": "Anyone there?"}])
+    assert twice.status_code == 200
+    continued = post(url, temperature=0, messages=[{"role": "user", "content": "Name a colour."},
+                                                    {"role": "assistant", "content": "My favourite colour is"}])
+    assert continued.status_code == 200 and continued.json()["choices"][0]["message"]["content"]
+
+
+def test_health_is_503_while_the_model_loads_and_200_once_it_serves(tiny_loaded):
+    release = threading.Event()
+
+    def load():
+        assert release.wait(60)
+        return Engine(tiny_loaded, cache_budget_bytes=2**22)
+
+    holder = BackgroundEngine(load)
+    config = config_from_args(["--port", str(free_port()), "--usage-db", "none", "--disk-budget", "0"])
+    demo, url, _ = app.launch(holder, config)
+    url = url.rstrip("/")
+    try:
+        loading = httpx.get(url + "/health", timeout=30)
+        assert loading.status_code == 503 and loading.headers["retry-after"] and loading.json()["status"] == "loading"
+        assert httpx.get(url + "/v1/models", timeout=30).status_code == 503
+        release.set()
+        holder.get(60)
+        ready = httpx.get(url + "/health", timeout=30)
+        assert ready.status_code == 200 and ready.json() == {"status": "ok"}
+        assert httpx.get(url + "/v1/models", timeout=30).status_code == 200
+    finally:
+        release.set()
+        demo.close()
+        holder.get(60).close()
 
 
 def test_a_wrong_key_gets_401_and_the_right_one_is_served(served):

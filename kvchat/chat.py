@@ -23,6 +23,7 @@ from transformers import PreTrainedTokenizerBase
 from kvchat.errors import InputError
 
 ROLES = ("system", "user", "assistant")
+_MARK = "\ue000"  # a private-use character: marks where a message's text sits in a render
 Message = dict[str, str]
 
 
@@ -98,16 +99,19 @@ class ChatTemplate:
             return self._tokenise(text, split_special=False)
         # Where each message's text sits: render with a marker in its place, then check that
         # putting the texts back gives the same render (a template may trim or rewrite text).
-        markers = [f"{i}" for i in range(len(conversation))]
+        markers = [f"{_MARK}{i}{_MARK}" for i in range(len(conversation))]
         marked = self._render([{**m, "content": k} for m, k in zip(conversation, markers)], add_generation_prompt)
-        pieces = re.split("(\d+)", marked)
+        pieces = re.split(f"({_MARK}\\d+{_MARK})", marked)
         contents = {k: m["content"] for m, k in zip(conversation, markers)}
         if "".join(contents.get(p, p) for p in pieces) != text:
             raise InputError("this model's chat template rewrites message text, so a message may not spell "
                              "its control tokens (such as <|im_end|>)")  # fmt: skip
         ids: list[int] = []
         for piece in pieces:
-            ids += self._tokenise(contents[piece], split_special=True) if piece in contents else                 self._tokenise(piece, split_special=False)
+            if piece in contents:
+                ids += self._tokenise(contents[piece], split_special=True)
+            else:
+                ids += self._tokenise(piece, split_special=False)
         return ids
 
     def _render(self, conversation: list[Message], add_generation_prompt: bool) -> str:

@@ -53,6 +53,17 @@ def test_each_family_is_served_exactly_on_its_verified_path(family, tokenizer, t
         engine.close()
 
 
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_in_bfloat16_each_family_is_verified_on_the_same_path(family, tokenizer):
+    """bf16 rounding is not a wrong result: the probe's tolerance (the model's own rounding, at
+    least a few bf16 units) passes the path float32 chose, and the float32 twin confirms it."""
+    extra, path = FAMILIES[family]
+    model = tiny_family(family, tokenizer, extra).to(torch.bfloat16)
+    _, choice = probe.choose(model, torch.device("cpu"))
+    assert choice.path == path, [c.describe() for c in choice.checks]
+    assert [c.dtype for c in choice.checks if c.exact] == ["bfloat16", "float32"]
+
+
 def test_a_model_with_linear_attention_layers_is_refused_with_the_reason(tokenizer):
     from transformers import MambaConfig, MambaForCausalLM
 

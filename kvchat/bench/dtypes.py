@@ -65,8 +65,14 @@ def measure(dtype: str, visitors: int, new_tokens: int, device: str = "cpu") -> 
 
 def _differences(engine: Engine, conversations: list[Messages], got: list[list[int]],
                  expected: list[list[int]]) -> list[dict[str, Any]]:  # fmt: skip
-    return [{"visitor": i, **first_difference(engine, conversations[i], a, b)}
-            for i, (a, b) in enumerate(zip(got, expected, strict=True)) if a != b]  # fmt: skip
+    """Each reply that differs from its expected twin: where, the two tokens there, the model's top-2 gap."""
+    differences = []
+    for i, (a, b) in enumerate(zip(got, expected, strict=True)):
+        if a != b:
+            where = first_difference(engine, conversations[i], a, b)
+            differences.append({"visitor": i, "step": where["step"], "top2_gap": where["top2_gap"], "got": where["batched"],
+                                "expected": where["solo"], "plain_forward_top2": where["plain_forward_top2"]})  # fmt: skip
+    return differences
 
 
 def main() -> None:

@@ -27,7 +27,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
-from kvchat.kv_storage import KVRun, RowBuffer
+from kvchat.kv_storage import KVRun, RowBuffer, kv_layout
 
 
 class Unsupported(RuntimeError):
@@ -45,6 +45,11 @@ class Row:
     @property
     def start_position(self) -> int:
         return sum(run.num_tokens for run in self.runs) + self.buffer.num_tokens
+
+    def check_room(self) -> None:
+        """RuntimeError when the buffer cannot take `token_ids`: its request reserved too little."""
+        if self.buffer.num_tokens + len(self.token_ids) > self.buffer.capacity_tokens:
+            raise RuntimeError("a row's buffer is full: its request reserved too little")
 
 
 @dataclass(slots=True)
@@ -81,7 +86,7 @@ class SegmentedForward:
         _install_attention()
         self.model = model
         self.device = device
-        self.num_layers = len(DynamicCache(config=model.config).layers)
+        self.num_layers = len(kv_layout(model))
         self.use_flash_cpu = device.type == "cpu" and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
 
     def __call__(self, rows: list[Row]) -> torch.Tensor:
@@ -118,8 +123,7 @@ class SegmentedForward:
             n = len(row.token_ids)
             if n == 0:
                 raise ValueError("every row must feed at least one token")
-            if row.buffer.num_tokens + n > row.buffer.capacity_tokens:
-                raise RuntimeError("a row's buffer is full: its request reserved too little")
+            row.check_room()
             span = (start, start + n)
             spans.append(span)
             for depth, run in enumerate(row.runs):
@@ -300,8 +304,7 @@ class NativeForward:
 
     def _forward(self, row: Row) -> torch.Tensor:
         n, past = len(row.token_ids), row.start_position
-        if row.buffer.num_tokens + n > row.buffer.capacity_tokens:
-            raise RuntimeError("a row's buffer is full: its request reserved too little")
+        row.check_room()
         cache = DynamicCache(config=self.model.config)
         cache.layers = [_RowLayer(row, layer) for layer in range(len(row.buffer.keys))]
         inputs: dict[str, Any] = {

@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from jinja2 import TemplateError
@@ -79,7 +80,6 @@ class ChatTemplate:
         if not getattr(tokenizer, "chat_template", None):
             raise InputError("the tokenizer has no chat template; kvchat needs an instruct/chat model")
         self.tokenizer = tokenizer
-        self._control_pattern: re.Pattern[str] | None = None
 
     @property
     def template_text(self) -> str:
@@ -129,13 +129,11 @@ class ChatTemplate:
             return []
         return list(self.tokenizer(text, add_special_tokens=False, split_special_tokens=split_special)["input_ids"])
 
-    @property
+    @cached_property
     def _control_tokens(self) -> re.Pattern[str]:
         """Any spelling the tokenizer turns into one atomic added token (control tokens)."""
-        if self._control_pattern is None:
-            spellings = sorted({t.content for t in self.tokenizer.added_tokens_decoder.values()}, key=len, reverse=True)
-            self._control_pattern = re.compile("|".join(map(re.escape, spellings)) or r"(?!)")
-        return self._control_pattern
+        spellings = sorted({t.content for t in self.tokenizer.added_tokens_decoder.values()}, key=len, reverse=True)
+        return re.compile("|".join(map(re.escape, spellings)) or r"(?!)")
 
     def _system_prefix_len(self, conversation: list[Message], token_ids: list[int]) -> int:
         """Length of the system prompt rendered alone, when the full render starts with exactly it.

@@ -298,7 +298,10 @@ class Scheduler:
                 break
         if self._split_shared(request, match, owner):
             match = self.tree.match(request.scope, owners, ids, limit)
-        for detach, inline in ((True, True), (True, False), (False, False)):  # cheapest to run first
+        # cheapest to run first; the compatible path always copies runs in, so it has only two to try
+        tries = ((True, True), (True, False), (False, False)) if self.forward.reads_runs_in_place else \
+            ((True, True), (False, True))
+        for detach, inline in tries:
             if not detach and self.tree.writing_bytes:
                 return False  # runs being written free their memory within moments: wait, reuse more
             layout = self._plan(request, match, owner, detach, inline)

@@ -48,7 +48,7 @@ def measure(dtype: str, visitors: int, new_tokens: int, device: str = "cpu") -> 
         prefill_tps = cold.usage.prompt_tokens / (time.perf_counter() - begun)
         reference = [generate_ids(engine, m, new_tokens) for m in conversations]
         solo = [_serve(engine, f"solo-{i}", m, time.perf_counter()) for i, m in enumerate(conversations)]
-        decode_tps = [engine.chat("speed", conversations[0], max_new_tokens=new_tokens).usage.decode_tokens_per_s]
+        decode_tps = engine.chat("speed", conversations[0], max_new_tokens=new_tokens).usage.decode_tokens_per_s
         _, together = _together(engine, "crowd", conversations)
         cached = _differences(engine, conversations, [s.token_ids for s in solo], reference)
         batched = _differences(engine, conversations, [t.token_ids for t in together], [s.token_ids for s in solo])
@@ -57,7 +57,7 @@ def measure(dtype: str, visitors: int, new_tokens: int, device: str = "cpu") -> 
             "visitors": visitors, "new_tokens": new_tokens,
             "cached_vs_uncached_equal": visitors - len(cached), "cached_vs_uncached": cached,
             "batched_vs_solo_equal": visitors - len(batched), "batched_vs_solo": batched,
-            "prefill_tokens_per_s": round(prefill_tps, 1), "decode_tokens_per_s": round(decode_tps[0] or 0.0, 1),
+            "prefill_tokens_per_s": round(prefill_tps, 1), "decode_tokens_per_s": round(decode_tps or 0.0, 1),
         }  # fmt: skip
     finally:
         engine.close()

@@ -133,16 +133,15 @@ def _is_message_text(param: str) -> bool:
 def _param(loc: tuple[Any, ...]) -> str | None:
     """('messages', 0, 'content', 'str') -> 'messages[0].content': OpenAI's spelling, without the
     union branch pydantic appends."""
-    names = list(loc)
     path = ""
-    for name in names:
+    for name in loc:
         if isinstance(name, int):
             path += f"[{name}]"
-        elif name in _UNION_TAGS or "[" in str(name):
+        elif name in _UNION_TAGS or "[" in str(name):  # a union branch: list[...] or a scalar type
             break
         else:
             path += f".{name}" if path else str(name)
     return path or None
 
 
-_UNION_TAGS = {"str", "list[TextPart]", "list[str]", "int", "float", "bool", "function-after", "none"}
+_UNION_TAGS = {"str", "int", "float", "bool", "function-after", "none"}

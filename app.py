@@ -16,21 +16,24 @@ import secrets
 import signal
 import sys
 import time
-import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import gradio as gr
 
+import kvchat
 from kvchat import Busy, GenerationError, InputError
 from kvchat import budget_map
 from kvchat import stats as panel
+from kvchat.chat_history import kept_history, model_messages, plain_text, text_message
 from kvchat.config import Config, format_bytes
 from kvchat.metrics import Metrics
 from kvchat.openai_api import add_routes, model_id
 from kvchat.presets import load_presets
 from kvchat.startup import BackgroundEngine
+from kvchat.tab_replies import Reply, TabReplies
 
 if TYPE_CHECKING:
     from kvchat.engine import Engine
@@ -40,33 +43,35 @@ log = logging.getLogger("kvchat.app")
 
 LOAD_WAIT_S = 900  # a first start converts the bundled model; a request waits for it
 QUEUE_POLL_S = 0.5  # how often a queued visitor's place in line is refreshed
-# The conversation is saved by the page itself: a server round trip would queue behind busy visitors
-# and leave a window after each reply in which a reload loses it. The visitor id is read from the saved
-# value, since a gr.State never reaches the page.
-SAVE_JS = "(history, saved) => ({...saved, history: history || []})"
-CLEAR_JS = "(saved) => ({...saved, history: []})"
-ROLES = ("user", "assistant")
+# The chat list reads top to bottom, newest first; the reply's status sits quietly under the list.
+CSS = """
+#kvchat-chats .wrap { flex-direction: column; align-items: stretch; }
+#kvchat-chats label { width: 100%; }
+#kvchat-reply-status { min-height: 1.5em; color: var(--body-text-color-subdued); }
+"""
+CHATS_JS = (Path(kvchat.__file__).parent / "chats.js").read_text()
+# The chat list lives in the browser (`window.kvchat`, kvchat/chats.js); the server never stores a conversation.
+DELETE_JS = "(h, s) => confirm('Delete this chat?') ? window.kvchat.remove(s) : [h, s, window.kvchat.refresh()[0]]"
 History = list[dict[str, Any]]
-Yield = Iterator[tuple[History, str]]
+SKIP = gr.skip()
 
 
-def is_badge(message: dict[str, Any]) -> bool:
-    """Badges are UI-only messages (with a metadata title); the model never sees them."""
-    return bool((message.get("metadata") or {}).get("title"))
+@dataclass
+class Frame:
+    """One update of a reply: the message list, and what is said beside it (never in it)."""
+
+    history: History
+    status: str = ""  # waiting or loading, shown under the message list
+    give_back: str | None = None  # the request was refused: this text goes back to the message box
+    refused: str | None = None  # why the engine would not take it now (busy)
 
 
-def conversation(system_prompt: str, history: History) -> list[dict[str, Any]]:
-    messages = [{"role": "system", "content": system_prompt}] if (system_prompt or "").strip() else []
-    return messages + [
-        {"role": m.get("role"), "content": m.get("content")} for m in history if not is_badge(m)
-    ]
-
-
-def text_message(role: str, text: str) -> dict[str, Any]:
-    """Content as a text part: Gradio passes it through verbatim, while a plain string is run
-    through `inspect.cleandoc` (leading spaces and indentation lost), which would make the next
-    prompt differ from what the model actually generated."""
-    return {"role": role, "content": [{"type": "text", "text": text}]}
+@dataclass
+class ReplySettings:
+    system_prompt: str
+    max_new_tokens: float
+    temperature: float
+    top_p: float
 
 
 def badge_message(usage: Any) -> dict[str, Any]:
@@ -77,82 +82,167 @@ def badge_message(usage: Any) -> dict[str, Any]:
     }
 
 
+def queue_words(ahead: int) -> str:
+    return f"⏳ Queued, {ahead} ahead…" if ahead else "⏳ Queued, next in line…"
+
+
 class Handlers:
-    """Event handlers; each browser tab is one engine session (Gradio's session hash)."""
+    """Event handlers. Each browser tab streams at most one reply (`TabReplies`, keyed by Gradio's
+    session hash); each chat is one engine session (`_session_id`)."""
 
     def __init__(self, holder: BackgroundEngine, config: Config) -> None:
         self.holder = holder
         self.config = config
+        self.replies = TabReplies()
         self._warnings_shown: set[str] = set()
 
-    # --- chat ---
-    def respond(self, message: str, history: History, system_prompt: str, max_new_tokens: float,
-                temperature: float, top_p: float, visitor: str, request: gr.Request) -> Yield:  # fmt: skip
-        history = list(history or [])
+    # --- sending: the box is emptied once, here; what is typed while a reply streams stays ---
+    def take(self, message: str, history: History, request: gr.Request) -> tuple[Any, Any, Any]:
+        """Outputs: the box, the message to answer (with its reply's id, so a Stop pressed before the
+        reply starts still ends it), the message list (with the message appended)."""
         text = message if isinstance(message, str) else ""
         if not text.strip():
             gr.Warning("Type a message first.")
-            yield history, text
+            return SKIP, None, SKIP
+        reply = self.replies.start(_tab(request))
+        return "", {"text": text, "reply": reply.id}, list(history or []) + [text_message("user", text)]
+
+    def respond(self, pending: Any, history: History, system_prompt: str, max_new_tokens: float,
+                temperature: float, top_p: float, visitor: str, index: Any, request: gr.Request) -> Iterator[tuple]:  # fmt: skip
+        reply = self.replies.get(_tab(request), pending["reply"]) if isinstance(pending, dict) else None
+        if reply is None:  # nothing sent, or the tab has moved on (another message, another chat)
             return
-        history.append(text_message("user", text))
-        yield from self._reply(history, system_prompt, max_new_tokens, temperature, top_p, visitor, request, text)
+        settings = ReplySettings(system_prompt, max_new_tokens, temperature, top_p)
+        session = _session_id(visitor, index, request)
+        frames = self._reply(list(history or []), settings, session, request, give_back=pending["text"], reply=reply)
+        yield from _page(frames)
 
     def retry(self, data: gr.RetryData, history: History, system_prompt: str, max_new_tokens: float,
-              temperature: float, top_p: float, visitor: str, request: gr.Request) -> Yield:  # fmt: skip
+              temperature: float, top_p: float, visitor: str, index: Any, request: gr.Request) -> Iterator[tuple]:  # fmt: skip
         history = list(history or [])[: _index(data) + 1]
-        yield from self._reply(history, system_prompt, max_new_tokens, temperature, top_p, visitor, request, None)
+        settings = ReplySettings(system_prompt, max_new_tokens, temperature, top_p)
+        yield from _page(self._reply(history, settings, _session_id(visitor, index, request), request, give_back=None))
 
     def edit(self, data: gr.EditData, history: History, system_prompt: str, max_new_tokens: float,
-             temperature: float, top_p: float, visitor: str, request: gr.Request) -> Yield:  # fmt: skip
+             temperature: float, top_p: float, visitor: str, index: Any, request: gr.Request) -> Iterator[tuple]:  # fmt: skip
         history = list(history or [])[: _index(data)] + [text_message("user", plain_text(data.value))]
-        yield from self._reply(history, system_prompt, max_new_tokens, temperature, top_p, visitor, request, None)
+        settings = ReplySettings(system_prompt, max_new_tokens, temperature, top_p)
+        yield from _page(self._reply(history, settings, _session_id(visitor, index, request), request, give_back=None))
 
-    def undo(self, data: gr.UndoData, history: History) -> tuple[History, str]:
+    def undo(self, data: gr.UndoData, history: History, request: gr.Request) -> tuple[History, str, str]:
         """Drop the user message and everything after it; put its text back in the box."""
-        return list(history or [])[: _index(data)], plain_text(data.value)
+        self.replies.end(_tab(request), "replaced")
+        return list(history or [])[: _index(data)], plain_text(data.value), ""
 
-    def _reply(self, history: History, system_prompt: str, max_new_tokens: float, temperature: float,
-               top_p: float, visitor: str, request: gr.Request, restore: str | None) -> Yield:  # fmt: skip
-        """Stream one reply. On bad input, warn and give the typed text back (`restore`)."""
+    def api_chat(self, message: str, history: list[dict], system_prompt: str, max_new_tokens: float,
+                 temperature: float, top_p: float, request: gr.Request) -> Iterator[tuple[list[dict], str]]:  # fmt: skip
+        """One reply to `message` after `history` (the same dicts this returns; content as text).
+        Yields (history with the message, its reply and the reply's badge, "") as the reply grows;
+        a refused message comes back as (history, message)."""
+        text = message if isinstance(message, str) else ""
+        if not text.strip():
+            gr.Warning("Type a message first.")
+            yield _api_history(history or []), text
+            return
+        history = kept_history(history) + [text_message("user", text)]
+        settings = ReplySettings(system_prompt, max_new_tokens, temperature, top_p)
+        for frame in self._reply(history, settings, _session_id("", None, request), request, give_back=text):
+            if frame.refused:
+                raise gr.Error(frame.refused)
+            yield _api_history(frame.history), frame.give_back or ""
+
+    # --- ending a reply early: the engine stops, the stream ends normally, nothing is left over it ---
+    def stop(self, request: gr.Request) -> str:
+        self.replies.end(_tab(request), "stopped")
+        return ""
+
+    def clear(self, request: gr.Request) -> str:
+        self.replies.end(_tab(request), "cleared")
+        return ""
+
+    def leave(self, request: gr.Request) -> str:
+        """The tab shows another chat: its reply (if any) stops and draws nothing more."""
+        self.replies.end(_tab(request), "replaced")
+        return ""
+
+    def _reply(self, history: History, settings: ReplySettings, session: str, request: gr.Request,
+               give_back: str | None, reply: Reply | None = None) -> Iterator[Frame]:  # fmt: skip
+        """Frames of one reply to `history` (which ends with the user's message). `give_back` is the
+        message's text when it was typed in the box: a refused message goes back there."""
+        tab = _tab(request)
+        reply = reply or self.replies.start(tab)
+        try:
+            yield from self._frames(reply, history, settings, session, give_back)
+        finally:
+            self.replies.finished(tab, reply)
+
+    def _frames(self, reply: Reply, history: History, settings: ReplySettings, session: str,
+                give_back: str | None) -> Iterator[Frame]:  # fmt: skip
+        unsent = history[:-1] if give_back is not None else history
+        if reply.ended:  # stopped before it began
+            yield _ended(reply, history)
+            return
         engine = self.holder.peek()
         if engine is None:
-            yield history + [text_message("assistant", "⏳ Loading the model… the reply follows.")], ""
-            try:
-                engine = self.holder.get(LOAD_WAIT_S)
-            except Exception as err:  # noqa: BLE001 - shown to the user, who cannot chat without it
-                gr.Warning(f"The model failed to load: {err}")
+            yield Frame(history, "⏳ Loading the model… your message is answered as soon as it is ready.")
+            engine = self._await_engine(reply)
             if engine is None:
-                yield (history[:-1] if restore is not None else history), restore or ""
+                yield _ended(reply, history) if reply.ended else Frame(unsent, give_back=give_back)
                 return
         try:
             generation = engine.stream(
-                _session_id(visitor, request), conversation(system_prompt, history),
-                max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, door="ui",
+                session, model_messages(settings.system_prompt, history), max_new_tokens=settings.max_new_tokens,
+                temperature=settings.temperature, top_p=settings.top_p, door="ui",
             )  # fmt: skip
-        except Busy as err:  # an error, so API clients see it too; the typed text stays in the box
-            raise gr.Error(str(err)) from err
+        except Busy as err:
+            yield Frame(unsent, give_back=give_back, refused=str(err))
+            return
         except InputError as err:
             gr.Warning(str(err))
-            yield (history[:-1] if restore is not None else history), restore or ""
+            yield Frame(unsent, give_back=give_back)
             return
-        reply = text_message("assistant", "")
+        reply.attach(generation)
+        answer = text_message("assistant", "")
         try:
             while not generation.wait_admitted(QUEUE_POLL_S):  # the engine's queue: say where we are
-                ahead = generation.ahead
-                reply["content"][0]["text"] = f"⏳ Queued, {ahead} ahead…" if ahead else "⏳ Queued, next in line…"
-                yield history + [reply], ""
-            reply["content"][0]["text"] = ""
+                if reply.ended:
+                    break
+                yield Frame(history, queue_words(generation.ahead))
             for piece in generation:
-                reply["content"][0]["text"] += piece
-                yield history + [reply], ""
+                answer["content"][0]["text"] += piece
+                if reply.reason in ("cleared", "replaced"):
+                    break
+                yield Frame(history + [answer])
         except GenerationError as err:
             gr.Warning(f"The reply failed ({err}). Your conversation is kept: press Retry.")
-            yield history + ([reply] if generation.text else []), ""
+            yield Frame(history + ([answer] if generation.text else []))
             return
         finally:
-            generation.cancel()  # Stop or a closed tab lands here: stop the backend too
-        yield history + [reply, badge_message(generation.usage)], ""
+            generation.cancel()  # a closed tab lands here too: stop the backend
+        if reply.ended:
+            generation.wait()  # the usage is final once the engine has let go of the request
+        if reply.reason in ("cleared", "replaced"):
+            yield from [_ended(reply, history)] if reply.reason == "cleared" else []
+            return
+        answer["content"][0]["text"] = generation.text
+        shown = [answer, badge_message(generation.usage)] if generation.text else []
+        yield Frame(history + shown)
         self._warn_once(engine)
+
+    def _await_engine(self, reply: Reply) -> Engine | None:
+        """The engine once loaded; None if the reply was ended first or the load failed (said)."""
+        deadline = time.monotonic() + LOAD_WAIT_S
+        while not reply.wait_ended(0.25):
+            if self.holder.done:
+                try:
+                    return self.holder.get(0)
+                except Exception as err:  # noqa: BLE001 - shown to the user, who cannot chat without it
+                    gr.Warning(f"The model failed to load: {err}")
+                    return None
+            if time.monotonic() > deadline:
+                gr.Warning("The model is still loading; send your message again in a moment.")
+                return None
+        return None
 
     def _warn_once(self, engine: Engine) -> None:
         """A side part's problem (the usage log, the disk tier) is said once, after a reply it did
@@ -162,15 +252,23 @@ class Handlers:
                 self._warnings_shown.add(warning)
                 gr.Warning(warning)
 
-    # --- the conversation in the visitor's browser ---
-    def restore(self, saved: Any) -> tuple[History, str, dict[str, Any]]:
-        """On page load: the conversation this browser kept (a reload or a restart loses nothing),
-        and its visitor id, which names its session in the engine, so it continues warm."""
+    # --- the chat list, kept in the browser by kvchat/chats.js ---
+    def legacy(self, saved: Any) -> dict[str, Any]:
+        """The single conversation an older kvchat kept in this browser (Gradio's encrypted
+        BrowserState): handed to the page once, which files it as a chat and forgets the old key."""
         saved = saved if isinstance(saved, dict) else {}
         visitor = saved.get("visitor") if isinstance(saved.get("visitor"), str) else ""
-        visitor = visitor or uuid.uuid4().hex
-        history = [m for m in saved.get("history") or [] if isinstance(m, dict) and m.get("role") in ROLES]
-        return history, visitor, {"visitor": visitor, "history": history}
+        return {"visitor": visitor, "history": kept_history(saved.get("history"))}
+
+    def show_chats(self, index: Any) -> tuple[Any, Any]:
+        """The chat list and the open chat's title, from what kvchat/chats.js reports."""
+        index = index if isinstance(index, dict) else {}
+        for note in index.get("notes") or []:
+            gr.Warning(str(note))
+        chats = [c for c in index.get("chats") or [] if isinstance(c, dict) and isinstance(c.get("id"), str)]
+        choices = [(str(c.get("title") or "New chat"), c["id"]) for c in chats]
+        open_id = index.get("open") if any(c["id"] == index.get("open") for c in chats) else None
+        return gr.Radio(choices=choices, value=open_id), str(index.get("title") or "")
 
     def clear_cache(self) -> str:
         engine = self.holder.peek()
@@ -213,9 +311,7 @@ class Handlers:
                 budget_map.figure(stats),
                 panel.entry_rows(stats),
                 panel.recent_rows(engine.recent_requests(10)),
-                panel.hit_rate_frame(timeline),
-                panel.bytes_frame(timeline),
-                panel.ttft_frame(timeline),
+                *_request_plots(timeline),
             )
         except Exception as err:
             log.exception("stats panel failed")
@@ -225,15 +321,40 @@ class Handlers:
 _EMPTY_PLOTS = (panel.hit_rate_frame([]), panel.bytes_frame([]), panel.ttft_frame([]))
 
 
-def plain_text(value: Any) -> str:
-    """Text of a message value, whether a string or a list of parts (as the browser sends it)."""
-    if isinstance(value, list):
-        return "".join(part.get("text", "") for part in value if isinstance(part, dict))
-    return str(value or "")
+def _request_plots(timeline: list[dict] | None) -> tuple[Any, Any, Any]:
+    """The three per-request plots, their x axes spanning whole requests."""
+    frames = (panel.hit_rate_frame(timeline), panel.bytes_frame(timeline), panel.ttft_frame(timeline))
+    kinds = (gr.LinePlot, gr.LinePlot, gr.ScatterPlot)
+    return tuple(kind(value=frame, x_lim=panel.request_axis(frame)) for kind, frame in zip(kinds, frames))
 
 
 def _index(data: Any) -> int:
     return data.index if isinstance(data.index, int) else data.index[0]
+
+
+def _page(frames: Iterator[Frame]) -> Iterator[tuple[History, Any, str]]:
+    """Frames as the page's outputs: the message list, the box (touched only to give text back), the status."""
+    for frame in frames:
+        if frame.refused:
+            gr.Warning(frame.refused)
+        yield frame.history, SKIP if frame.give_back is None else frame.give_back, frame.status
+
+
+def _ended(reply: Reply, history: History) -> Frame:
+    """What a reply ended before it began leaves: nothing after a Clear, else the conversation as it was."""
+    return Frame([] if reply.reason == "cleared" else history)
+
+
+def _api_history(history: list[dict]) -> list[dict]:
+    """Messages with text content (and a badge's metadata), as API clients have always received them."""
+    return [
+        {"role": m["role"], "content": plain_text(m.get("content"))} | ({"metadata": m["metadata"]} if m.get("metadata") else {})
+        for m in kept_history(history)
+    ]
+
+
+def _tab(request: gr.Request) -> str:
+    return request.session_hash or "anonymous"
 
 
 def browser_secret(home: Path) -> str:
@@ -252,9 +373,17 @@ def browser_secret(home: Path) -> str:
         return secrets.token_hex(32)
 
 
-def _session_id(visitor: str, request: gr.Request) -> str:
-    """The browser's own visitor id (kept across reloads), else this page's Gradio session."""
-    return visitor if isinstance(visitor, str) and visitor else request.session_hash or "anonymous"
+def _session_id(visitor: str, index: Any, request: gr.Request) -> str:
+    """One engine session per chat: "<this browser's id>/<the chat's id>" (both kept in the browser,
+    so a chat continues warm after a reload or a switch); else this page's Gradio session (API).
+
+    Per chat, not per browser: a session's turns form one line of conversation, and the engine
+    moves a session's private turns into the request that continues them, so a second chat in
+    the same session would take the first one's KV."""
+    chat = index.get("open") if isinstance(index, dict) else None
+    if isinstance(visitor, str) and visitor and isinstance(chat, str) and chat:
+        return f"{visitor}/{chat}"
+    return request.session_hash or "anonymous"
 
 
 def build_ui(holder: BackgroundEngine, config: Config) -> gr.Blocks:
@@ -267,13 +396,20 @@ def build_ui(holder: BackgroundEngine, config: Config) -> gr.Blocks:
         status_timer = gr.Timer(1.0)
         with gr.Tabs():
             with gr.Tab("Chat") as chat_tab, gr.Row():
+                with gr.Column(scale=1, min_width=220):
+                    new_chat = gr.Button("New chat", variant="secondary")
+                    chats = gr.Radio([], label="Chats (kept in this browser)", elem_id="kvchat-chats")
+                    title = gr.Textbox(label="Title", placeholder="Name this chat", max_lines=1,
+                                       submit_btn="Rename")  # fmt: skip
+                    delete = gr.Button("Delete this chat", variant="secondary", size="sm")
                 with gr.Column(scale=3):
                     chatbot = gr.Chatbot(label="Conversation", height=560, editable="user")
+                    reply_status = gr.Markdown(elem_id="kvchat-reply-status")
                     with gr.Row():
-                        textbox = gr.Textbox(placeholder="Message…", show_label=False, scale=5,
+                        textbox = gr.Textbox(placeholder="Message…", show_label=False, scale=5, elem_id="kvchat-message",
                                              autofocus=True, submit_btn=False)  # fmt: skip
-                        send = gr.Button("Send", variant="primary", scale=1)
-                        stop = gr.Button("Stop", variant="stop", scale=1)
+                        send = gr.Button("Send", variant="primary", scale=0, min_width=90)
+                        stop = gr.Button("Stop", variant="stop", scale=0, min_width=90)
                 with gr.Column(scale=2):
                     preset = gr.Dropdown(list(presets), value=first_preset, label="System prompt preset")
                     system_box = gr.Textbox(presets.get(first_preset, ""), label="System prompt",
@@ -291,35 +427,25 @@ def build_ui(holder: BackgroundEngine, config: Config) -> gr.Blocks:
                 recent = gr.Dataframe(headers=panel.RECENT_COLUMNS, interactive=False)
                 with gr.Row():
                     hit_plot = gr.LinePlot(x="request", y="hit rate", color="series", title="Token hit rate",
-                                           y_lim=[0, 1], height=260)  # fmt: skip
+                                           y_lim=[0, 1], height=260, x_axis_format="d")  # fmt: skip
                     bytes_plot = gr.LinePlot(x="request", y="MiB", color="series", title="KV bytes held vs budget",
-                                             height=260)  # fmt: skip
-                    ttft_plot = gr.ScatterPlot(x="request", y="TTFT ms", color="cache",
+                                             height=260, x_axis_format="d")  # fmt: skip
+                    ttft_plot = gr.ScatterPlot(x="request", y="TTFT ms", color="cache", x_axis_format="d",
                                                title="Time to first token, warm vs cold", height=260)  # fmt: skip
                 stats_timer = gr.Timer(2.0, active=False)
                 with gr.Row(visible=not config.share or bool(config.auth)):  # only the operator may clear
                     clear_cache = gr.Button("Clear cache (memory and disk)", variant="secondary", scale=0,
                                             min_width=320)  # fmt: skip
                     cleared = gr.Markdown()
-        saved = gr.BrowserState({"visitor": "", "history": []}, storage_key="kvchat-conversation",
-                                secret=browser_secret(config.home))  # fmt: skip
-        visitor = gr.State("")
-
-        settings = [system_box, max_tokens, temperature, top_p, visitor]
-        run = {"concurrency_limit": None}  # the engine batches and queues; Gradio must not serialise
-        chat_io = {"inputs": [textbox, chatbot, *settings], "outputs": [chatbot, textbox]}
-        events = [
-            textbox.submit(handlers.respond, **chat_io, **run, api_name="chat"),
-            send.click(handlers.respond, **chat_io, **run, api_visibility="private"),
-            chatbot.retry(handlers.retry, [chatbot, *settings], [chatbot, textbox], **run, api_visibility="private"),
-            chatbot.edit(handlers.edit, [chatbot, *settings], [chatbot, textbox], **run, api_visibility="private"),
-            chatbot.undo(handlers.undo, [chatbot], [chatbot, textbox], api_visibility="private"),
-        ]
-        stop.click(None, cancels=events[:-1])
-        for event in events:  # the browser keeps the conversation after every change, in the browser
-            event.then(None, [chatbot, saved], saved, js=SAVE_JS)
-        chatbot.clear(None, saved, saved, js=CLEAR_JS)
-        demo.load(handlers.restore, saved, [chatbot, visitor, saved], api_visibility="private")
+        legacy = gr.BrowserState({"visitor": "", "history": []}, storage_key="kvchat-conversation",
+                                 secret=browser_secret(config.home))  # fmt: skip
+        visitor = gr.Textbox(visible=False)  # this browser's id, set by kvchat/chats.js
+        index = gr.JSON(visible=False)  # the chat list, as kvchat/chats.js reports it
+        found = gr.JSON(visible=False)  # what an older kvchat left in this browser
+        pending = gr.State(None)  # the message being sent (the box is already empty) and its reply's id
+        refresh = gr.Button(visible="hidden", elem_id="kvchat-refresh")  # clicked when another tab saves
+        _wire_chat(handlers, locals())
+        clear_cache.click(handlers.clear_cache, outputs=cleared, api_visibility="private")
         clear_cache.click(handlers.clear_cache, outputs=cleared, api_visibility="private")
         preset.change(lambda name: presets.get(name, ""), preset, system_box, api_visibility="private")
         status_timer.tick(handlers.status, outputs=[status, status_timer], api_visibility="private")
@@ -330,7 +456,53 @@ def build_ui(holder: BackgroundEngine, config: Config) -> gr.Blocks:
         )
         chat_tab.select(lambda: gr.Timer(active=False), outputs=stats_timer, api_visibility="private")
         gr.api(_stats_api(holder), api_name="stats")
+        gr.api(handlers.api_chat, api_name="chat", concurrency_limit=None)
     return demo
+
+
+def _wire_chat(handlers: Handlers, c: dict[str, Any]) -> None:
+    """The chat tab's events. Every change to the message list ends with `window.kvchat.save`
+    (kvchat/chats.js), then the chat list is drawn again; only the reply itself waits its turn."""
+    private = {"api_visibility": "private", "show_progress": "hidden"}  # the reply status says what is going on
+    now = {"queue": False, **private}  # Stop and friends must not wait behind busy visitors
+    # the engine batches and queues, so Gradio must not serialise; queued, so a handler can warn (gr.Warning)
+    run = {"concurrency_limit": None, **private}
+    chatbot, index, system = c["chatbot"], c["index"], c["system_box"]
+    settings = [system, c["max_tokens"], c["temperature"], c["top_p"], c["visitor"], index]
+    streamed = [chatbot, c["textbox"], c["reply_status"]]
+
+    def show_chats(event: Any) -> None:
+        event.then(handlers.show_chats, [index], [c["chats"], c["title"]], **run)
+
+    def listed(event: Any) -> Any:
+        """Save the message list (and the system prompt it is written under), then draw the chat list."""
+        saved = event.then(None, [chatbot, system], [index], js="(h, s) => window.kvchat.save(h, s)", **private)
+        show_chats(saved)
+        return saved
+
+    for trigger in (c["textbox"].submit, c["send"].click):
+        sent = listed(trigger(handlers.take, [c["textbox"], chatbot], [c["textbox"], c["pending"], chatbot], **now))
+        listed(sent.then(handlers.respond, [c["pending"], chatbot, *settings], streamed, **run))
+    listed(chatbot.retry(handlers.retry, [chatbot, *settings], streamed, **run))
+    listed(chatbot.edit(handlers.edit, [chatbot, *settings], streamed, **run))
+    listed(chatbot.undo(handlers.undo, [chatbot], [chatbot, c["textbox"], c["reply_status"]], **now))
+    c["stop"].click(handlers.stop, None, c["reply_status"], **now)
+    listed(chatbot.clear(handlers.clear, None, c["reply_status"], **now))
+
+    def switching(trigger: Any, inputs: list, js: str) -> None:
+        """Stop this tab's reply (it would draw over the other chat), then let chats.js switch."""
+        left = trigger(handlers.leave, None, c["reply_status"], **now)
+        show_chats(left.then(None, inputs, [chatbot, system, index], js=js, **private))
+
+    switching(c["new_chat"].click, [chatbot, system], "(h, s) => window.kvchat.newChat(h, s)")
+    switching(c["chats"].input, [c["chats"], chatbot, system], "(id, h, s) => window.kvchat.open(id, h, s)")
+    switching(c["delete"].click, [chatbot, system], DELETE_JS)
+    show_chats(c["title"].submit(None, [c["title"], chatbot, system], [index],
+                                 js="(t, h, s) => window.kvchat.rename(t, h, s)", **private))  # fmt: skip
+    show_chats(c["refresh"].click(None, None, [index], js="() => window.kvchat.refresh()", **private))
+    found = c["demo"].load(handlers.legacy, c["legacy"], c["found"], **now)
+    show_chats(found.then(None, [c["found"], system], [chatbot, system, index, c["visitor"]],
+                          js="(old, s) => window.kvchat.boot(old, s)", **private))  # fmt: skip
 
 
 def _stats_api(holder: BackgroundEngine):
@@ -373,7 +545,7 @@ def launch(holder: BackgroundEngine, config: Config,
         before_bind()
     server, local_url, share_url = demo.launch(
         server_name=config.host, server_port=config.port, share=config.share, auth=auth,
-        prevent_thread_lock=True, show_error=True, quiet=True,
+        prevent_thread_lock=True, show_error=True, quiet=True, js=CHATS_JS, css=CSS,
     )  # fmt: skip
     add_routes(server, holder, served_id, config.api_key, metrics.response)
     return demo, local_url, share_url

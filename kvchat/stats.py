@@ -33,8 +33,9 @@ def badge(usage: Usage) -> str:
     if usage.cached_tokens == 0:
         reused = "nothing reused (cold)"
     speed = f" · {usage.decode_tokens_per_s:.1f} tok/s" if usage.decode_tokens_per_s else ""
+    mark = "⏹ stopped · " if usage.finish_reason == "cancelled" else "⚡ "
     return (
-        f"⚡ {usage.prompt_tokens:,} prompt tokens · {reused} · prefilled {usage.prefilled_tokens:,}"
+        f"{mark}{usage.prompt_tokens:,} prompt tokens · {reused} · prefilled {usage.prefilled_tokens:,}"
         f" · TTFT {usage.ttft_ms:,.0f} ms{speed}"
     )
 
@@ -148,6 +149,18 @@ def recent_rows(rows: list[dict] | None) -> list[list[object]]:
 
 def _finished(rows: list[dict] | None) -> list[dict]:
     return [r for r in rows or [] if r["finish_reason"] in ("stop", "length", "cancelled")]
+
+
+REQUEST_AXIS_MIN_SPAN = 12  # requests: the plots' ticks stay whole numbers on plots up to ~700 px wide
+
+
+def request_axis(frame: pd.DataFrame) -> list[float] | None:
+    """x limits for a per-request plot: at least REQUEST_AXIS_MIN_SPAN wide, so the plot's ticks
+    (about one per 40 px, rounded to 1, 2 or 5 × 10^k) never fall between two requests."""
+    if frame.empty:
+        return None
+    first, last = int(frame["request"].min()), int(frame["request"].max())
+    return [first, max(last, first + REQUEST_AXIS_MIN_SPAN)]
 
 
 def hit_rate_frame(rows: list[dict] | None) -> pd.DataFrame:

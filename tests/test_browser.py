@@ -42,14 +42,19 @@ def page(app, browser) -> Page:
 
 
 def set_max_tokens(page: Page, count: int) -> None:
-    page.get_by_text("Generation settings").click()
     box = page.get_by_label("number input for Max new tokens")
+    if not box.is_visible():
+        page.get_by_text("Generation settings").click()
     box.fill(str(count))
     box.press("Tab")
 
 
+def message_box(page: Page):
+    return page.locator("#kvchat-message textarea")
+
+
 def send(page: Page, text: str) -> None:
-    box = page.get_by_test_id("textbox").first
+    box = message_box(page)
     box.fill(text)
     box.press("Enter")
 
@@ -65,12 +70,17 @@ def chat_once(page: Page, text: str, max_tokens: int) -> None:
     badges(page).first.wait_for(timeout=120_000)
 
 
+def stored_chats(page: Page) -> dict:
+    """The chats this browser keeps (kvchat/chats.js), by id."""
+    return page.evaluate("JSON.parse(localStorage.getItem('kvchat-chats') || '{}').chats || {}")
+
+
 def chat_and_keep(page: Page, text: str, max_tokens: int) -> None:
-    """chat_once, then wait for the page to store the conversation (it does so as the reply ends;
-    a reload in the same instant could still beat it)."""
-    before = page.evaluate("localStorage.getItem('kvchat-conversation')")
+    """chat_once, then wait for the page to store the conversation with its reply (it does so as
+    the reply ends; a reload in the same instant could still beat it)."""
     chat_once(page, text, max_tokens)
-    page.wait_for_function("(before) => localStorage.getItem('kvchat-conversation') !== before", arg=before,
+    page.wait_for_function("""(text) => Object.values(JSON.parse(localStorage.getItem('kvchat-chats')).chats)
+        .some((chat) => JSON.stringify(chat.history).includes(text) && chat.history.length >= 3)""", arg=text,
                            timeout=10_000)  # fmt: skip
 
 
@@ -101,7 +111,7 @@ def test_stop_ends_generation_in_the_engine(page, app):
     send(page, "Write a long story about a dragon who learns to bake bread.")
     page.wait_for_function("() => { const r = document.querySelectorAll('.bot.message');"
                            " return r.length && r[r.length - 1].innerText.length >= 30; }", timeout=120_000)
-    page.get_by_role("button", name="Stop").click()
+    page.get_by_role("button", name="Stop", exact=True).click()
     client = Client(url, verbose=False)
     deadline = time.time() + 10
     while client.predict(api_name="/stats")["busy"]:

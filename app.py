@@ -221,8 +221,9 @@ class Handlers:
             generation.cancel()  # a closed tab lands here too: stop the backend
         if reply.ended:
             generation.wait()  # the usage is final once the engine has let go of the request
-        if reply.reason in ("cleared", "replaced"):
-            yield from [_ended(reply, history)] if reply.reason == "cleared" else []
+        if reply.reason == "cleared":
+            yield Frame([])
+        if reply.reason in ("cleared", "replaced"):  # a replaced reply draws nothing over what replaced it
             return
         answer["content"][0]["text"] = generation.text
         shown = [answer, badge_message(generation.usage)] if generation.text else []
@@ -269,6 +270,20 @@ class Handlers:
         choices = [(str(c.get("title") or "New chat"), c["id"]) for c in chats]
         open_id = index.get("open") if any(c["id"] == index.get("open") for c in chats) else None
         return gr.Radio(choices=choices, value=open_id), str(index.get("title") or "")
+
+    def warmth(self, history: History, system_prompt: str, visitor: str, index: Any, request: gr.Request) -> str:
+        """Under a chat just opened: how much of it the cache still holds, so its next reply's cost is
+        seen before it is paid."""
+        engine = self.holder.peek()
+        messages = model_messages(system_prompt, list(history or []))
+        if engine is None or not any(m["role"] != "system" for m in messages):
+            return ""
+        try:
+            cached = engine.cached(_session_id(visitor, index, request), messages)
+        except Exception:  # a side part: the chat works without it
+            log.exception("could not tell what the cache holds for this chat")
+            return ""
+        return panel.warmth_words(cached)
 
     def clear_cache(self) -> str:
         engine = self.holder.peek()
@@ -346,9 +361,10 @@ def _ended(reply: Reply, history: History) -> Frame:
 
 
 def _api_history(history: list[dict]) -> list[dict]:
-    """Messages with text content (and a badge's metadata), as API clients have always received them."""
+    """Messages as API clients have always received them from the chat box: content as a list of
+    text parts, a badge with its metadata."""
     return [
-        {"role": m["role"], "content": plain_text(m.get("content"))} | ({"metadata": m["metadata"]} if m.get("metadata") else {})
+        text_message(m["role"], plain_text(m.get("content"))) | ({"metadata": m["metadata"]} if m.get("metadata") else {})
         for m in kept_history(history)
     ]
 
@@ -489,10 +505,15 @@ def _wire_chat(handlers: Handlers, c: dict[str, Any]) -> None:
     c["stop"].click(handlers.stop, None, c["reply_status"], **now)
     listed(chatbot.clear(handlers.clear, None, c["reply_status"], **now))
 
+    def opened(event: Any) -> None:
+        """A chat is on screen: draw the list, and say how warm the chat is."""
+        show_chats(event)
+        event.then(handlers.warmth, [chatbot, system, c["visitor"], index], c["reply_status"], **run)
+
     def switching(trigger: Any, inputs: list, js: str) -> None:
         """Stop this tab's reply (it would draw over the other chat), then let chats.js switch."""
         left = trigger(handlers.leave, None, c["reply_status"], **now)
-        show_chats(left.then(None, inputs, [chatbot, system, index], js=js, **private))
+        opened(left.then(None, inputs, [chatbot, system, index], js=js, **private))
 
     switching(c["new_chat"].click, [chatbot, system], "(h, s) => window.kvchat.newChat(h, s)")
     switching(c["chats"].input, [c["chats"], chatbot, system], "(id, h, s) => window.kvchat.open(id, h, s)")
@@ -501,8 +522,8 @@ def _wire_chat(handlers: Handlers, c: dict[str, Any]) -> None:
                                  js="(t, h, s) => window.kvchat.rename(t, h, s)", **private))  # fmt: skip
     show_chats(c["refresh"].click(None, None, [index], js="() => window.kvchat.refresh()", **private))
     found = c["demo"].load(handlers.legacy, c["legacy"], c["found"], **now)
-    show_chats(found.then(None, [c["found"], system], [chatbot, system, index, c["visitor"]],
-                          js="(old, s) => window.kvchat.boot(old, s)", **private))  # fmt: skip
+    opened(found.then(None, [c["found"], system], [chatbot, system, index, c["visitor"]],
+                      js="(old, s) => window.kvchat.boot(old, s)", **private))  # fmt: skip
 
 
 def _stats_api(holder: BackgroundEngine):

@@ -31,7 +31,7 @@ from kvchat.eviction import policy_named
 from kvchat.generation import Generation
 from kvchat.kv_disk import FORMAT, DiskStore, DiskTier, DiskUnavailable
 from kvchat.kv_storage import KVRun, RowBuffer
-from kvchat.kv_tree import KVTree, Node, NodeInfo, node_key, owner_of
+from kvchat.kv_tree import KVTree, Node, NodeInfo, node_key, owner_of, owners_for
 from kvchat.prefix import fingerprint, scope_key
 from kvchat.sampling import SamplingParams
 from kvchat.scheduler import Request, Scheduler
@@ -94,6 +94,16 @@ class CacheStats:
     @property
     def token_hit_rate(self) -> float:
         return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class CachedTokens:
+    """How much of a conversation the cache holds for a session right now (nothing is pinned: it
+    may be evicted before the next request comes)."""
+
+    prompt_tokens: int  # tokens the conversation renders to
+    cached_tokens: int  # of those, the longest cached prefix this session may read
+    disk_tokens: int  # of the cached ones, held only on disk (read back when used)
 
 
 class Engine:
@@ -279,6 +289,18 @@ class Engine:
     def encode(self, messages: Sequence[Mapping[str, Any]]) -> Prompt:
         """The token ids a conversation renders to, and its shareable system-prefix length."""
         return self._template.encode(messages)
+
+    def cached(self, session_id: str | None, messages: Sequence[Mapping[str, Any]]) -> CachedTokens:
+        """What of `messages` a next request by `session_id` would find cached, counted in the tree
+        as admission matches it (no reply is started, nothing is pinned). Raises InputError as
+        `stream` does for a conversation that cannot be rendered."""
+        ids = self._template.encode(messages).token_ids
+        match = self._tree.match(scope_key(self._fingerprint, self._salt), owners_for(session_id), ids, len(ids))
+        runs = [(node, len(node.token_ids)) for node in match.nodes]
+        if match.partial is not None:
+            runs.append((match.partial, match.partial_tokens))
+        disk = sum(count for node, count in runs if not node.in_memory)
+        return CachedTokens(len(ids), match.num_tokens + match.partial_tokens, disk)
 
     def warm(self, presets: Mapping[str, str]) -> list[Generation]:
         """Compute (or read back from disk) each preset's system prompt in the background, before

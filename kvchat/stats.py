@@ -15,7 +15,7 @@ from kvchat.config import format_bytes
 from kvchat.usage import CacheSource, Usage
 
 if TYPE_CHECKING:
-    from kvchat.engine import CacheStats, Warmup
+    from kvchat.engine import CachedTokens, CacheStats, Warmup
     from kvchat.usage_log import UsageSummary
 
 SOURCE_WORDS: dict[CacheSource, str] = {
@@ -38,6 +38,15 @@ def badge(usage: Usage) -> str:
         f"{mark}{usage.prompt_tokens:,} prompt tokens · {reused} · prefilled {usage.prefilled_tokens:,}"
         f" · TTFT {usage.ttft_ms:,.0f} ms{speed}"
     )
+
+
+def warmth_words(cached: CachedTokens) -> str:
+    """The line under a chat just opened (`Engine.cached`): how much of it its next reply reuses."""
+    if not cached.cached_tokens:
+        return f"🧊 This chat is cold: none of its {cached.prompt_tokens:,} tokens are cached; its next reply computes them."
+    disk = f", {cached.disk_tokens:,} of them on disk" if cached.disk_tokens else ""
+    return (f"🔥 This chat is warm: {cached.cached_tokens:,} of its {cached.prompt_tokens:,} tokens are cached{disk}; "
+            "its next reply prefills only the rest and your message.")  # fmt: skip
 
 
 def badge_detail(usage: Usage) -> str:

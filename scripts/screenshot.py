@@ -23,7 +23,7 @@ def send(page: Page, text: str, replies: int) -> None:
 
 
 def ask(page: Page, text: str) -> None:
-    box = page.get_by_test_id("textbox").first
+    box = page.locator("#kvchat-message textarea")
     box.fill(text)
     box.press("Enter")
 
@@ -52,11 +52,16 @@ def main() -> None:
         for tab in (page, other):  # two visitors on the FAQ preset
             open_on_faq(tab, args.url)
         send(page, "How much does the Team plan cost?", 1)
+        page.get_by_role("button", name="New chat").click()  # a second chat, on the same preset
+        page.wait_for_function("() => document.querySelectorAll('.message-row').length === 0")
         ask(page, "What happens if a card payment fails?")  # both tabs at once: served in one batch
         ask(other, "Do you refund yearly plans?")
-        for tab, replies in ((page, 2), (other, 1)):
-            tab.get_by_text("prompt tokens").nth(replies - 1).wait_for(timeout=180_000)
+        for tab in (page, other):
+            tab.get_by_text("prompt tokens").first.wait_for(timeout=180_000)
+        page.locator("#kvchat-chats label").filter(has_text="Team plan").click()  # back to the first chat
+        page.locator("#kvchat-reply-status").get_by_text("This chat is warm").wait_for(timeout=30_000)
         page.screenshot(path=out / "screenshot-chat.png", full_page=True)
+        send(page, "And the Business plan?", 2)  # continues warm: its badge says what it reused
         page.get_by_role("tab", name="Cache stats").click()
         page.get_by_text("Token hit rate").first.wait_for(timeout=30_000)
         page.wait_for_timeout(2500)

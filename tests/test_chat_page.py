@@ -289,6 +289,7 @@ def test_two_chats_switch_reload_both_intact_and_the_old_one_continues_warm(app,
     page.locator(".user.message").filter(has_text="Name three oceans.").wait_for(timeout=10_000)
     assert user_texts(page) == ["Name three oceans."]
     assert page.get_by_label("System prompt", exact=True).input_value() == helpful  # each chat keeps its own
+    page.locator("#kvchat-reply-status").get_by_text("This chat is warm").wait_for(timeout=10_000)  # said before
     chat_once(page, "And three seas?", 8)
     badge = badges(page).nth(1)
     assert "reused from this session" in badge.inner_text()  # its KV was still cached: warm

@@ -271,3 +271,16 @@ def test_a_vanishing_temperature_samples_like_greedy_instead_of_failing(tiny_eng
     messages = [SYSTEM, user("Which planet is red?")]
     reply = tiny_engine.chat("dora", messages, max_new_tokens=NEW, temperature=4.4e-173, seed=1)
     assert reply.text == greedy_baseline(tiny_loaded, tiny_engine, messages, NEW)
+
+
+def test_cached_says_what_the_next_request_would_reuse_and_matches_it(tiny_engine):
+    messages = [SYSTEM, user("What is the largest planet?")]
+    assert tiny_engine.cached("alice", messages).cached_tokens == 0  # nothing computed yet
+    reply = tiny_engine.chat("alice", messages, max_new_tokens=NEW)
+    follow_up = grow(messages, reply.text, "And the smallest?")
+    alice, bob = tiny_engine.cached("alice", follow_up), tiny_engine.cached("bob", follow_up)
+    assert alice.prompt_tokens == len(tiny_engine.encode(follow_up).token_ids) and alice.disk_tokens == 0
+    assert bob.cached_tokens < alice.cached_tokens < alice.prompt_tokens  # bob may read the system prompt only
+    assert tiny_engine.chat("alice", follow_up, max_new_tokens=NEW).usage.cached_tokens == alice.cached_tokens
+    tiny_engine.clear_cache()
+    assert tiny_engine.cached("alice", follow_up).cached_tokens == 0

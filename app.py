@@ -10,12 +10,14 @@ if __name__ == "__main__":  # before the slow imports below: the launcher puts a
 
     raise SystemExit(main())
 
+import contextlib
 import logging
 import os
 import secrets
 import signal
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +53,7 @@ CSS = """
 """
 CHATS_JS = (Path(kvchat.__file__).parent / "chats.js").read_text()
 # The chat list lives in the browser (`window.kvchat`, kvchat/chats.js); the server never stores a conversation.
-DELETE_JS = "(h, s) => confirm('Delete this chat?') ? window.kvchat.remove(s) : [h, s, window.kvchat.refresh()[0]]"
+DELETE_JS = "(yes, h, s) => yes ? window.kvchat.remove(s) : [h, s, window.kvchat.refresh()[0]]"
 History = list[dict[str, Any]]
 SKIP = gr.skip()
 
@@ -60,8 +62,8 @@ SKIP = gr.skip()
 class Frame:
     """One update of a reply: the message list, and what is said beside it (never in it)."""
 
-    history: History
-    status: str = ""  # waiting or loading, shown under the message list
+    history: History | None  # None: leave the page as it is (it shows another chat now)
+    status: str | None = ""  # waiting or loading, shown under the message list (None: leave it)
     give_back: str | None = None  # the request was refused: this text goes back to the message box
     refused: str | None = None  # why the engine would not take it now (busy)
 
@@ -99,10 +101,14 @@ class Handlers:
     # --- sending: the box is emptied once, here; what is typed while a reply streams stays ---
     def take(self, message: str, history: History, request: gr.Request) -> tuple[Any, Any, Any]:
         """Outputs: the box, the message to answer (with its reply's id, so a Stop pressed before the
-        reply starts still ends it), the message list (with the message appended)."""
+        reply starts still ends it), the message list (with the message appended). While a reply
+        streams the message stays in the box: one reply at a time per chat, as the chat shows it."""
         text = message if isinstance(message, str) else ""
         if not text.strip():
             gr.Warning("Type a message first.")
+            return SKIP, None, SKIP
+        if self.replies.busy(_tab(request)):
+            gr.Warning("A reply is still coming: press Stop (or wait for it), then send.")
             return SKIP, None, SKIP
         reply = self.replies.start(_tab(request))
         return "", {"text": text, "reply": reply.id}, list(history or []) + [text_message("user", text)]
@@ -114,20 +120,21 @@ class Handlers:
             return
         settings = ReplySettings(system_prompt, max_new_tokens, temperature, top_p)
         session = _session_id(visitor, index, request)
-        frames = self._reply(list(history or []), settings, session, request, give_back=pending["text"], reply=reply)
-        yield from _page(frames)
+        yield from _page(self._reply(list(history or []), settings, session, reply, give_back=pending["text"]))
 
     def retry(self, data: gr.RetryData, history: History, system_prompt: str, max_new_tokens: float,
               temperature: float, top_p: float, visitor: str, index: Any, request: gr.Request) -> Iterator[tuple]:  # fmt: skip
         history = list(history or [])[: _index(data) + 1]
         settings = ReplySettings(system_prompt, max_new_tokens, temperature, top_p)
-        yield from _page(self._reply(history, settings, _session_id(visitor, index, request), request, give_back=None))
+        reply = self.replies.start(_tab(request))
+        yield from _page(self._reply(history, settings, _session_id(visitor, index, request), reply, give_back=None))
 
     def edit(self, data: gr.EditData, history: History, system_prompt: str, max_new_tokens: float,
              temperature: float, top_p: float, visitor: str, index: Any, request: gr.Request) -> Iterator[tuple]:  # fmt: skip
         history = list(history or [])[: _index(data)] + [text_message("user", plain_text(data.value))]
         settings = ReplySettings(system_prompt, max_new_tokens, temperature, top_p)
-        yield from _page(self._reply(history, settings, _session_id(visitor, index, request), request, give_back=None))
+        reply = self.replies.start(_tab(request))
+        yield from _page(self._reply(history, settings, _session_id(visitor, index, request), reply, give_back=None))
 
     def undo(self, data: gr.UndoData, history: History, request: gr.Request) -> tuple[History, str, str]:
         """Drop the user message and everything after it; put its text back in the box."""
@@ -136,9 +143,9 @@ class Handlers:
 
     def api_chat(self, message: str, history: list[dict], system_prompt: str, max_new_tokens: float,
                  temperature: float, top_p: float, request: gr.Request) -> Iterator[tuple[list[dict], str]]:  # fmt: skip
-        """One reply to `message` after `history` (the same dicts this returns; content as text).
-        Yields (history with the message, its reply and the reply's badge, "") as the reply grows;
-        a refused message comes back as (history, message)."""
+        """One reply to `message` after `history` (the same dicts this returns). Yields (history with
+        the message, its reply and the reply's badge, "") as the reply grows; a refused message comes
+        back as (history, message). Calls never replace one another, even from one client."""
         text = message if isinstance(message, str) else ""
         if not text.strip():
             gr.Warning("Type a message first.")
@@ -146,10 +153,12 @@ class Handlers:
             return
         history = kept_history(history) + [text_message("user", text)]
         settings = ReplySettings(system_prompt, max_new_tokens, temperature, top_p)
-        for frame in self._reply(history, settings, _session_id("", None, request), request, give_back=text):
+        reply = self.replies.start(f"api:{uuid.uuid4().hex}")
+        for frame in self._reply(history, settings, _session_id("", None, request), reply, give_back=text):
             if frame.refused:
                 raise gr.Error(frame.refused)
-            yield _api_history(frame.history), frame.give_back or ""
+            if frame.history is not None:
+                yield _api_history(frame.history), frame.give_back or ""
 
     # --- ending a reply early: the engine stops, the stream ends normally, nothing is left over it ---
     def stop(self, request: gr.Request) -> str:
@@ -165,29 +174,42 @@ class Handlers:
         self.replies.end(_tab(request), "replaced")
         return ""
 
-    def _reply(self, history: History, settings: ReplySettings, session: str, request: gr.Request,
-               give_back: str | None, reply: Reply | None = None) -> Iterator[Frame]:  # fmt: skip
-        """Frames of one reply to `history` (which ends with the user's message). `give_back` is the
-        message's text when it was typed in the box: a refused message goes back there."""
-        tab = _tab(request)
-        reply = reply or self.replies.start(tab)
+    def delete(self, confirmed: bool, visitor: str, index: Any, request: gr.Request) -> Any:
+        """Before a confirmed Delete: stop the tab's reply and drop the chat's KV from memory and
+        disk (its own turns; a shared system prompt stays for others)."""
+        if confirmed is not True:
+            return SKIP
+        self.leave(request)
+        engine = self.holder.peek()
+        if engine is not None:
+            try:
+                engine.end_session(_session_id(visitor, index, request))
+            except Exception:  # the chat goes from the page regardless; its KV ages out of the budget
+                log.exception("could not drop a deleted chat's KV")
+        return ""
+
+    def _reply(self, history: History, settings: ReplySettings, session: str, reply: Reply,
+               give_back: str | None) -> Iterator[Frame]:  # fmt: skip
+        """Frames of one reply to `history` (which ends with the user's message), registered as
+        `reply` (`TabReplies.start`). `give_back` is the message's text when it was typed in the
+        box: a message the engine refuses at once goes back there."""
         try:
             yield from self._frames(reply, history, settings, session, give_back)
         finally:
-            self.replies.finished(tab, reply)
+            self.replies.finished(reply)
 
     def _frames(self, reply: Reply, history: History, settings: ReplySettings, session: str,
                 give_back: str | None) -> Iterator[Frame]:  # fmt: skip
         unsent = history[:-1] if give_back is not None else history
         if reply.ended:  # stopped before it began
-            yield _ended(reply, history)
+            yield from _ended(reply, history)
             return
         engine = self.holder.peek()
         if engine is None:
             yield Frame(history, "⏳ Loading the model… your message is answered as soon as it is ready.")
             engine = self._await_engine(reply)
-            if engine is None:
-                yield _ended(reply, history) if reply.ended else Frame(unsent, give_back=give_back)
+            if engine is None:  # the message stays in the chat: the box may hold newer typing by now
+                yield from _ended(reply, history) if reply.ended else [Frame(history)]
                 return
         try:
             generation = engine.stream(
@@ -220,10 +242,10 @@ class Handlers:
         finally:
             generation.cancel()  # a closed tab lands here too: stop the backend
         if reply.ended:
-            generation.wait()  # the usage is final once the engine has let go of the request
-        if reply.reason == "cleared":
-            yield Frame([])
-        if reply.reason in ("cleared", "replaced"):  # a replaced reply draws nothing over what replaced it
+            with contextlib.suppress(GenerationError):  # what it computed is moot: it was ended
+                generation.wait()  # the usage is final once the engine has let go of the request
+        if reply.reason in ("cleared", "replaced"):
+            yield from _ended(reply, history)
             return
         answer["content"][0]["text"] = generation.text
         shown = [answer, badge_message(generation.usage)] if generation.text else []
@@ -261,15 +283,18 @@ class Handlers:
         visitor = saved.get("visitor") if isinstance(saved.get("visitor"), str) else ""
         return {"visitor": visitor, "history": kept_history(saved.get("history"))}
 
-    def show_chats(self, index: Any) -> tuple[Any, Any]:
-        """The chat list and the open chat's title, from what kvchat/chats.js reports."""
+    def show_chats(self, index: Any, title: str, shown: str | None) -> tuple[Any, Any, str | None]:
+        """The chat list, and the open chat's title unless the user is typing one for the chat on
+        screen (`shown`: the chat the title box was last filled for); from what kvchat/chats.js reports."""
         index = index if isinstance(index, dict) else {}
         for note in index.get("notes") or []:
             gr.Warning(str(note))
         chats = [c for c in index.get("chats") or [] if isinstance(c, dict) and isinstance(c.get("id"), str)]
         choices = [(str(c.get("title") or "New chat"), c["id"]) for c in chats]
-        open_id = index.get("open") if any(c["id"] == index.get("open") for c in chats) else None
-        return gr.Radio(choices=choices, value=open_id), str(index.get("title") or "")
+        open_id = index.get("open") if isinstance(index.get("open"), str) else None
+        listed = open_id if any(c["id"] == open_id for c in chats) else None
+        typing = open_id == shown and bool((title or "").strip())
+        return gr.Radio(choices=choices, value=listed), SKIP if typing else str(index.get("title") or ""), open_id
 
     def warmth(self, history: History, system_prompt: str, visitor: str, index: Any, request: gr.Request) -> str:
         """Under a chat just opened: how much of it the cache still holds, so its next reply's cost is
@@ -352,12 +377,20 @@ def _page(frames: Iterator[Frame]) -> Iterator[tuple[History, Any, str]]:
     for frame in frames:
         if frame.refused:
             gr.Warning(frame.refused)
-        yield frame.history, SKIP if frame.give_back is None else frame.give_back, frame.status
+        box = SKIP if frame.give_back is None else frame.give_back
+        yield _or_skip(frame.history), box, _or_skip(frame.status)
 
 
-def _ended(reply: Reply, history: History) -> Frame:
-    """What a reply ended before it began leaves: nothing after a Clear, else the conversation as it was."""
-    return Frame([] if reply.reason == "cleared" else history)
+def _or_skip(value: Any) -> Any:
+    return SKIP if value is None else value
+
+
+def _ended(reply: Reply, history: History) -> list[Frame]:
+    """What a reply ended early draws: an empty chat after a Clear; nothing after the tab moved on
+    (another chat is on screen); else the conversation as it was when the reply began."""
+    if reply.reason == "replaced":  # Gradio redraws an event's last output when it ends: make it "nothing"
+        return [Frame(None, None)]
+    return [Frame([] if reply.reason == "cleared" else history)]
 
 
 def _api_history(history: list[dict]) -> list[dict]:
@@ -459,9 +492,10 @@ def build_ui(holder: BackgroundEngine, config: Config) -> gr.Blocks:
         index = gr.JSON(visible=False)  # the chat list, as kvchat/chats.js reports it
         found = gr.JSON(visible=False)  # what an older kvchat left in this browser
         pending = gr.State(None)  # the message being sent (the box is already empty) and its reply's id
+        shown = gr.State(None)  # the chat the title box was last filled for
+        confirmed = gr.Checkbox(visible=False)  # the answer to "Delete this chat?"
         refresh = gr.Button(visible="hidden", elem_id="kvchat-refresh")  # clicked when another tab saves
         _wire_chat(handlers, locals())
-        clear_cache.click(handlers.clear_cache, outputs=cleared, api_visibility="private")
         clear_cache.click(handlers.clear_cache, outputs=cleared, api_visibility="private")
         preset.change(lambda name: presets.get(name, ""), preset, system_box, api_visibility="private")
         status_timer.tick(handlers.status, outputs=[status, status_timer], api_visibility="private")
@@ -488,7 +522,7 @@ def _wire_chat(handlers: Handlers, c: dict[str, Any]) -> None:
     streamed = [chatbot, c["textbox"], c["reply_status"]]
 
     def show_chats(event: Any) -> None:
-        event.then(handlers.show_chats, [index], [c["chats"], c["title"]], **run)
+        event.then(handlers.show_chats, [index, c["title"], c["shown"]], [c["chats"], c["title"], c["shown"]], **run)
 
     def listed(event: Any) -> Any:
         """Save the message list (and the system prompt it is written under), then draw the chat list."""
@@ -497,7 +531,7 @@ def _wire_chat(handlers: Handlers, c: dict[str, Any]) -> None:
         return saved
 
     for trigger in (c["textbox"].submit, c["send"].click):
-        sent = listed(trigger(handlers.take, [c["textbox"], chatbot], [c["textbox"], c["pending"], chatbot], **now))
+        sent = listed(trigger(handlers.take, [c["textbox"], chatbot], [c["textbox"], c["pending"], chatbot], **run))
         listed(sent.then(handlers.respond, [c["pending"], chatbot, *settings], streamed, **run))
     listed(chatbot.retry(handlers.retry, [chatbot, *settings], streamed, **run))
     listed(chatbot.edit(handlers.edit, [chatbot, *settings], streamed, **run))
@@ -517,7 +551,9 @@ def _wire_chat(handlers: Handlers, c: dict[str, Any]) -> None:
 
     switching(c["new_chat"].click, [chatbot, system], "(h, s) => window.kvchat.newChat(h, s)")
     switching(c["chats"].input, [c["chats"], chatbot, system], "(id, h, s) => window.kvchat.open(id, h, s)")
-    switching(c["delete"].click, [chatbot, system], DELETE_JS)
+    asked = c["delete"].click(None, None, c["confirmed"], js="() => [confirm('Delete this chat?')]", **private)
+    left = asked.then(handlers.delete, [c["confirmed"], c["visitor"], index], c["reply_status"], **now)
+    opened(left.then(None, [c["confirmed"], chatbot, system], [chatbot, system, index], js=DELETE_JS, **private))
     show_chats(c["title"].submit(None, [c["title"], chatbot, system], [index],
                                  js="(t, h, s) => window.kvchat.rename(t, h, s)", **private))  # fmt: skip
     show_chats(c["refresh"].click(None, None, [index], js="() => window.kvchat.refresh()", **private))

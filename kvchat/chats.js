@@ -2,15 +2,49 @@
   // kvchat's chat list, kept in this browser (localStorage), with the chat each tab has open kept
   // per tab (sessionStorage: it survives a reload of that tab, and each tab has its own).
   //
-  // A tab remembers the revision of its chat it last read or wrote. When it saves and the stored
-  // chat has moved on since (another tab added a turn), neither is overwritten: this tab's version
-  // becomes a new chat and the tab says so. No tab ever drops another's turn.
+  // Every write gives the chat a new random revision. A tab remembers the revision it last read or
+  // wrote, and the turns it last showed. When it saves new turns and the stored chat has moved on
+  // since (another tab added a turn, or cleared the chat and began again), neither is overwritten:
+  // this tab's version becomes a new chat and the tab says so. A tab that only looked saves nothing.
+  // No tab ever drops another's turn.
   //
-  // Every function returns the values of its Gradio outputs, as a list.
+  // Where the browser refuses storage, the list lives in this tab's memory and the tab says so.
+  // Every function below `window.kvchat` returns the values of its Gradio outputs, as a list.
   const LIBRARY = "kvchat-chats";
   const OPEN = "kvchat-open";
   const LEGACY = "kvchat-conversation";  // the single saved conversation of kvchat before the list
   const TITLE_CHARS = 48;
+
+  let problem = "";
+  let problemSaid = false;
+  const inMemory = {};  // what storage would hold, when the browser refuses it
+  const storage = (area) => ({
+    get(key) {
+      try {
+        return window[area].getItem(key);
+      } catch (err) {
+        return key in inMemory ? inMemory[key] : null;
+      }
+    },
+    set(key, value) {
+      try {
+        window[area].setItem(key, value);
+      } catch (err) {
+        inMemory[key] = value;
+        if (!problemSaid) {  // said once per tab
+          problem = "This browser would not store your chats (its storage is full or disabled): they are kept in this tab only.";
+          problemSaid = true;
+        }
+      }
+    },
+    remove(key) {
+      try {
+        window[area].removeItem(key);
+      } catch (err) { /* nothing to forget */ }
+    },
+  });
+  const local = storage("localStorage");
+  const session = storage("sessionStorage");
 
   const newId = () => {
     const bytes = crypto.getRandomValues(new Uint8Array(12));  // randomUUID needs a secure context
@@ -18,30 +52,21 @@
   };
   const read = () => {
     try {
-      const library = JSON.parse(localStorage.getItem(LIBRARY) || "null");
+      const library = JSON.parse(local.get(LIBRARY) || "null");
       if (library && typeof library === "object" && library.chats && typeof library.chats === "object") {
         return library;
       }
-    } catch (err) { /* unreadable: start a fresh list below; the bad value is left alone until a save */ }
+    } catch (err) { /* unreadable: a fresh list; the bad value is replaced at the next save */ }
     return { visitor: "", chats: {} };
   };
-  let problem = "";
-  const write = (library) => {
-    try {
-      localStorage.setItem(LIBRARY, JSON.stringify(library));
-      problem = "";
-    } catch (err) {
-      problem = "This browser would not store the chat (its storage is full or disabled): it is kept in this tab only.";
-    }
-  };
+  const write = (library) => local.set(LIBRARY, JSON.stringify(library));
   const opened = () => {
     try {
-      const open = JSON.parse(sessionStorage.getItem(OPEN) || "null");
+      const open = JSON.parse(session.get(OPEN) || "null");
       if (open && typeof open.id === "string") return open;
     } catch (err) { /* a new tab */ }
     return null;
   };
-  const setOpened = (id, rev) => sessionStorage.setItem(OPEN, JSON.stringify({ id, rev }));
 
   const textOf = (message) => {
     const content = message && message.content;
@@ -49,12 +74,12 @@
     if (Array.isArray(content)) return content.map((part) => (part && part.text) || "").join("");
     return "";
   };
+  // Turns as the model sees them (badges are UI only; statuses never reach the list any more)
   const isTurn = (m) => m && (m.role === "user" || m.role === "assistant") && !(m.metadata && m.metadata.title);
-  const turns = (history) => (history || []).filter(isTurn).map((m) => [m.role, textOf(m)]);
-  const sameTurns = (a, b) => JSON.stringify(turns(a)) === JSON.stringify(turns(b));
+  const turns = (history) => JSON.stringify((history || []).filter(isTurn).map((m) => [m.role, textOf(m)]));
   const extendsTurns = (longer, shorter) => {
     const [l, s] = [turns(longer), turns(shorter)];
-    return s.length <= l.length && JSON.stringify(l.slice(0, s.length)) === JSON.stringify(s);
+    return l.slice(0, s.length - 1) === s.slice(0, -1);  // the same JSON array, with more after it
   };
   const autoTitle = (history) => {
     const first = (history || []).find((m) => isTurn(m) && m.role === "user");
@@ -64,6 +89,13 @@
   };
   const newest = (library) =>
     Object.entries(library.chats).sort(([, a], [, b]) => (b.updated_ms || 0) - (a.updated_ms || 0));
+
+  // What this tab last showed of its chat: `store` writes only what the tab itself changed.
+  let seen = { id: "", turns: turns([]) };
+  const setOpened = (id, rev, history) => {
+    session.set(OPEN, JSON.stringify({ id, rev }));
+    seen = { id, turns: turns(history) };
+  };
 
   let notes = [];
   const index = () => {
@@ -77,65 +109,65 @@
       notes: problem ? notes.concat([problem]) : notes,
     };
     notes = [];
+    problem = "";
     return out;
   };
 
-  // Store `history` (and the system prompt it was written under) as the open chat's; the rule
-  // above decides where it goes.
+  // Store `history` (and the system prompt it was written under) as the open chat's.
   const store = (history, system) => {
     const library = read();
     let open = opened();
     if (!open) {
-      open = { id: newId(), rev: 0 };
-      setOpened(open.id, 0);
+      open = { id: newId(), rev: "" };
+      setOpened(open.id, "", []);
     }
     const stored = library.chats[open.id];
-    if (!turns(history).length) {  // an empty chat is not listed; a cleared one leaves the list
-      if (stored && (stored.rev === open.rev || sameTurns(stored.history, []))) {
-        delete library.chats[open.id];
-        write(library);
-      }
-      return;
-    }
-    if (stored && sameTurns(stored.history, history) && stored.history.length === history.length) {
-      if (typeof system === "string" && stored.system !== system) {
+    if (open.id === seen.id && turns(history) === seen.turns) {  // this tab changed no turn
+      if (stored && typeof system === "string" && stored.system !== system && stored.rev === open.rev) {
         stored.system = system;
         write(library);
       }
-      setOpened(open.id, stored.rev);
+      return;
+    }
+    const moved = stored && stored.rev !== open.rev;  // written elsewhere since this tab read it
+    if (turns(history) === turns([])) {  // an empty chat is not listed: a cleared one leaves the list
+      if (stored && !moved) {
+        delete library.chats[open.id];
+        write(library);
+      }
+      setOpened(open.id, "", []);
       return;
     }
     const now = Date.now();
-    if (stored && stored.rev !== open.rev && !extendsTurns(history, stored.history)) {
+    const rev = newId();
+    if (moved && !extendsTurns(history, stored.history)) {
       const id = newId();
       const title = `${stored.title} (2)`;
-      library.chats[id] = { title, titled: true, history, system, rev: 1, updated_ms: now };
+      library.chats[id] = { title, titled: true, history, system, rev, updated_ms: now };
       write(library);
-      setOpened(id, 1);
+      setOpened(id, rev, history);
       notes.push(`This chat changed in another tab after this tab opened it, so this tab's version is kept as a new chat: “${title}”.`);
       return;
     }
-    const chat = stored || { title: "", titled: false, rev: 0, created_ms: now };
-    chat.history = history;
+    const chat = stored || { title: "", titled: false };
+    Object.assign(chat, { history, rev, updated_ms: now });
     if (typeof system === "string") chat.system = system;
-    chat.rev = (chat.rev || 0) + 1;
-    chat.updated_ms = now;
     if (!chat.titled) chat.title = autoTitle(history);
     library.chats[open.id] = chat;
     write(library);
-    setOpened(open.id, chat.rev);
+    setOpened(open.id, rev, history);
   };
 
   // Open chat `id` in this tab: its messages, and its system prompt (else the one on screen).
   const show = (id, system) => {
     const chat = read().chats[id];
-    setOpened(id, chat ? chat.rev : 0);
+    setOpened(id, chat ? chat.rev : "", chat ? chat.history : []);
     return [chat ? chat.history : [], chat && typeof chat.system === "string" ? chat.system : system];
   };
 
   window.kvchat = {
-    // On page load: this browser's visitor id (it names the engine session, so a chat continues
-    // warm after a reload) and the chat this tab had open, else the newest, else a new one.
+    // On page load: this browser's visitor id (with the chat's id it names the engine session, so a
+    // chat continues warm after a reload) and the chat this tab had open, else the newest, else a new one.
     boot(legacy, system) {
       const library = read();
       legacy = legacy && typeof legacy === "object" ? legacy : {};
@@ -143,18 +175,16 @@
         library.visitor = typeof legacy.visitor === "string" && legacy.visitor ? legacy.visitor : newId();
         write(library);
       }
-      if (!Object.keys(library.chats).length && Array.isArray(legacy.history) && turns(legacy.history).length) {
-        const now = Date.now();
+      if (!Object.keys(library.chats).length && Array.isArray(legacy.history) && turns(legacy.history) !== turns([])) {
         library.chats[newId()] = {
-          title: autoTitle(legacy.history), titled: false, history: legacy.history, rev: 1, updated_ms: now,
+          title: autoTitle(legacy.history), titled: false, history: legacy.history, rev: newId(), updated_ms: Date.now(),
         };
         write(library);
       }
-      if (!problem) localStorage.removeItem(LEGACY);
+      local.remove(LEGACY);
       const open = opened();
-      let id = open && library.chats[open.id] ? open.id : "";
-      if (!id && !open) id = (newest(library)[0] || [""])[0];
-      return [...show(id || (open ? open.id : newId()), system), index(), library.visitor];
+      const id = open ? open.id : (newest(library)[0] || [newId()])[0];
+      return [...show(id, system), index(), library.visitor];
     },
     save(history, system) {
       store(history, system);

@@ -17,6 +17,9 @@ from typing import Literal
 from kvchat.generation import Generation
 
 EndReason = Literal["", "stopped", "cleared", "replaced"]
+# A later reason overrides an earlier one when it says more about what the page shows: Stop keeps the
+# reply, Clear then empties the chat, and a switch to another chat means drawing nothing at all.
+_RANK: dict[str, int] = {"": 0, "stopped": 1, "cleared": 2, "replaced": 3}
 _ids = itertools.count(1)
 
 
@@ -24,10 +27,12 @@ _ids = itertools.count(1)
 class Reply:
     """One reply in flight. `reason` says why it ended early ("" while it runs or if it finished)."""
 
+    tab: str
     reason: EndReason = ""
     generation: Generation | None = None
     id: int = field(default_factory=lambda: next(_ids))
     _ended: threading.Event = field(default_factory=threading.Event)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def ended(self) -> bool:
@@ -37,8 +42,9 @@ class Reply:
         return self._ended.wait(timeout_s)
 
     def end(self, reason: EndReason) -> None:
-        if not self._ended.is_set():
-            self.reason = reason
+        with self._lock:
+            if _RANK[reason] > _RANK[self.reason]:
+                self.reason = reason
             self._ended.set()
         if self.generation is not None:
             self.generation.cancel()
@@ -59,13 +65,19 @@ class TabReplies:
 
     def start(self, tab: str) -> Reply:
         """A new reply for `tab`; the one it was streaming, if any, ends as "replaced"."""
-        reply = Reply()
+        reply = Reply(tab)
         with self._lock:
             previous = self._by_tab.get(tab)
             self._by_tab[tab] = reply
         if previous is not None:
             previous.end("replaced")
         return reply
+
+    def busy(self, tab: str) -> bool:
+        """Whether the tab has a reply that has not ended."""
+        with self._lock:
+            reply = self._by_tab.get(tab)
+        return reply is not None and not reply.ended
 
     def get(self, tab: str, reply_id: int) -> Reply | None:
         """The tab's reply `reply_id` if it is still the tab's (a Send registers its reply before the
@@ -83,10 +95,10 @@ class TabReplies:
         reply.end(reason)
         return True
 
-    def finished(self, tab: str, reply: Reply) -> None:
+    def finished(self, reply: Reply) -> None:
         with self._lock:
-            if self._by_tab.get(tab) is reply:
-                del self._by_tab[tab]
+            if self._by_tab.get(reply.tab) is reply:
+                del self._by_tab[reply.tab]
 
     def __len__(self) -> int:
         with self._lock:

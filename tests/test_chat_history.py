@@ -76,7 +76,8 @@ def test_the_page_never_puts_a_status_in_the_message_list():
     engine = Queued()
     handlers = app.Handlers(Holder(engine), config=None)
     request = Request("tab-1")
-    frames = handlers._reply(history, app.ReplySettings(SYSTEM, 16, 0.0, 1.0), "s", request, give_back="x")
+    reply = handlers.replies.start("tab-1")
+    frames = handlers._reply(history, app.ReplySettings(SYSTEM, 16, 0.0, 1.0), "s", reply, give_back="x")
     seen = [next(frames), next(frames)]
     engine.generation.ahead = 0
     handlers.stop(request)
@@ -85,6 +86,26 @@ def test_the_page_never_puts_a_status_in_the_message_list():
     assert [f.status for f in seen[:2]] == [app.queue_words(0)] * 2
     assert all(f.history == history for f in seen), "a status or an empty reply reached the message list"
     assert seen[-1].status == "" and len(handlers.replies) == 0
+
+
+def test_a_reply_whose_tab_moved_to_another_chat_draws_nothing_more():
+    """Switching chats while a reply waits: its frames stop, so it cannot draw over the other chat
+    (which the page would then save as if it were that chat's)."""
+    engine_generation = Generation()
+
+    class Queued:
+        log_warning = disk_problem = None
+
+        def stream(self, *args, **kwargs) -> Generation:
+            return engine_generation
+
+    handlers = app.Handlers(Holder(Queued()), config=None)
+    reply = handlers.replies.start("tab-1")
+    frames = handlers._reply([text_message("user", "Hi")], app.ReplySettings("", 16, 0.0, 1.0), "s", reply, None)
+    next(frames)  # queued
+    handlers.leave(Request("tab-1"))
+    engine_generation.finish(Usage(ts=0.0, session="", model="m", prompt_tokens=3, finish_reason="cancelled"))
+    assert list(frames) == [app.Frame(None, None)] and engine_generation.cancelled  # the page is left as it is
 
 
 class Holder:
@@ -118,8 +139,29 @@ def test_stop_before_the_reply_starts_still_stops_it():
     generation = Generation()
     reply.attach(generation)
     assert generation.cancelled and reply.reason == "stopped"
-    replies.finished("tab", reply)
+    replies.finished(reply)
     assert not replies.end("tab", "stopped") and len(replies) == 0
+
+
+def test_a_later_end_says_more_stop_then_clear_empties_and_a_switch_draws_nothing():
+    replies = TabReplies()
+    reply = replies.start("tab")
+    replies.end("tab", "stopped")
+    replies.end("tab", "cleared")
+    assert reply.reason == "cleared"
+    replies.end("tab", "replaced")
+    replies.end("tab", "stopped")
+    assert reply.reason == "replaced"
+
+
+def test_a_tab_is_busy_until_its_reply_ends():
+    replies = TabReplies()
+    reply = replies.start("tab")
+    assert replies.busy("tab") and not replies.busy("other")
+    replies.end("tab", "stopped")
+    assert not replies.busy("tab")
+    replies.finished(reply)
+    assert len(replies) == 0
 
 
 def test_ending_is_safe_from_many_threads():

@@ -57,6 +57,11 @@ def turns(page: Page) -> list[str]:
     return [t.strip() for t in page.locator(".message.panel-full-width:not(.thought)").all_inner_texts()]
 
 
+def session_entries(url: str) -> int:
+    """Cached runs that belong to one session (a chat's own turns), from the /stats API."""
+    return sum(e["kind"] == "session" for e in Client(url, verbose=False).predict(api_name="/stats")["entries"])
+
+
 def user_texts(page: Page) -> list[str]:
     return page.locator(".user.message").all_inner_texts()
 
@@ -101,6 +106,15 @@ def reply_grows(page: Page, chars: int, replies: int = 1) -> None:
         const replies = document.querySelectorAll('.bot.message .message.panel-full-width:not(.thought)');
         return replies.length === count && replies[count - 1].innerText.trim().length >= n; }""",
                            arg=[chars, replies], timeout=120_000)  # fmt: skip
+
+
+def streaming(context, url: str, text: str, max_tokens: int, chars: int) -> Page:
+    """A fresh tab whose reply to `text` is streaming (at least `chars` characters in)."""
+    page = open_tab(context, url)
+    set_max_tokens(page, max_tokens)
+    send(page, text)
+    reply_grows(page, chars)
+    return page
 
 
 # --- 1. status is never conversation ---
@@ -207,10 +221,7 @@ def test_stop_ten_times_ends_each_reply_as_stopped_with_no_error(app, context):
 
 def test_typing_while_a_reply_streams_is_kept(app, context):
     url, _ = app
-    page = open_tab(context, url)
-    set_max_tokens(page, 60)
-    send(page, "Describe the sea in a few sentences.")
-    reply_grows(page, 5)
+    page = streaming(context, url, "Describe the sea in a few sentences.", 60, 5)
     message_box(page).type("my next question")
     badges(page).first.wait_for(timeout=120_000)
     time.sleep(0.5)
@@ -221,10 +232,7 @@ def test_retry_undo_edit_wait_for_the_reply_and_what_a_reload_restores_is_on_scr
     """Gradio disables Retry, Undo and Edit while a reply streams (so none can race it); after Stop
     they work, and a reload restores exactly the chat on screen."""
     url, db = app
-    page = open_tab(context, url)
-    set_max_tokens(page, 200)
-    send(page, "Write a poem about autumn leaves.")
-    reply_grows(page, 20)
+    page = streaming(context, url, "Write a poem about autumn leaves.", 200, 20)
     for name in ("Retry", "Undo", "Edit"):
         assert page.get_by_role("button", name=name, exact=True).last.is_disabled(), f"{name} is usable mid-reply"
     page.get_by_role("button", name="Stop", exact=True).click()
@@ -245,7 +253,61 @@ def test_retry_undo_edit_wait_for_the_reply_and_what_a_reload_restores_is_on_scr
     assert turns(page) == shown and no_error_shown(page)
 
 
+def test_sending_while_a_reply_streams_keeps_the_message_in_the_box(app, context):
+    url, _ = app
+    page = streaming(context, url, "Write a long story about a snowy owl.", 120, 10)
+    send(page, "And a short one?")
+    page.get_by_text("A reply is still coming").first.wait_for(timeout=10_000)
+    assert message_box(page).input_value() == "And a short one?" and len(user_texts(page)) == 1
+    page.get_by_role("button", name="Stop", exact=True).click()
+    badges(page).first.wait_for(timeout=30_000)
+    message_box(page).press("Enter")  # now it goes
+    page.locator(".user.message").filter(has_text="And a short one?").wait_for(timeout=10_000)
+    assert message_box(page).input_value() == ""
+    page.get_by_role("button", name="Stop", exact=True).click()
+
+
+def test_switching_chats_while_a_reply_streams_keeps_each_chat_its_own(app, context):
+    url, _ = app
+    page = streaming(context, url, "Write a long story about a brave snail.", 200, 20)
+    page.get_by_role("button", name="New chat").click()
+    engine_idle(url)  # leaving the chat stopped its reply in the engine
+    time.sleep(1.5)  # anything still in flight would have drawn the old chat here by now
+    assert turns(page) == [] and no_error_shown(page)
+    (snail,) = [c for c in stored_chats(page).values() if "brave snail" in json.dumps(c)]
+    assert [m["role"] for m in snail["history"]] == ["user", "assistant"]  # kept, with what was written
+    page.locator("#kvchat-chats label").filter(has_text="brave snail").click()
+    page.locator(".user.message").filter(has_text="brave snail").wait_for(timeout=10_000)
+    assert len(turns(page)) == 2
+
+
 # --- 3. no tab loses a turn; a list of chats ---
+
+def kept(page: Page, history: list[str], system: str = "") -> dict:
+    """Save `history` (alternating user/assistant texts) as the tab's open chat, as the page does."""
+    messages = [{"role": ("user", "assistant")[i % 2], "content": [{"type": "text", "text": t}]}
+                for i, t in enumerate(history)]  # fmt: skip
+    return page.evaluate("([h, s]) => window.kvchat.save(h, s)[0]", [messages, system])
+
+
+def test_the_rule_that_keeps_every_turn(app, context):
+    """chats.js alone, in two tabs (no model): a tab that only looked never copies a chat; a chat
+    cleared and begun again in one tab is not overwritten by the other; every version is kept."""
+    url, _ = app
+    first, second = open_tab(context, url), open_tab(context, url)
+    kept(first, ["a", "b"])
+    second.reload()  # opens the newest chat: the one `first` wrote
+    second.wait_for_function("() => window.kvchat !== undefined")
+    kept(first, ["a", "b", "c", "d"])
+    index = second.evaluate("([h, s]) => window.kvchat.newChat(h, s)[2]", [[], ""])  # looked, changed nothing
+    assert len(index["chats"]) == 1 and not index["notes"]
+    third = open_tab(context, url)  # opens a-b-c-d
+    kept(first, [])  # Clear...
+    kept(first, ["hello", "there"])  # ...and begin again, in the same chat
+    index = kept(third, ["a", "b", "c", "d", "e", "f"])
+    assert any("changed in another tab" in note for note in index["notes"])
+    chats = sorted(" ".join(m["content"][0]["text"] for m in c["history"]) for c in stored_chats(first).values())
+    assert chats == ["a b c d e f", "hello there"]
 
 def test_two_tabs_on_one_chat_never_lose_a_turn(app, context):
     url, _ = app
@@ -298,10 +360,16 @@ def test_two_chats_switch_reload_both_intact_and_the_old_one_continues_warm(app,
     page.get_by_label("Title").fill("Water")
     page.get_by_role("button", name="Rename").click()
     chats.filter(has_text="Water").wait_for(timeout=10_000)
-    page.on("dialog", lambda dialog: dialog.accept())
+    page.once("dialog", lambda dialog: dialog.dismiss())  # Cancel: nothing happens
+    page.get_by_role("button", name="Delete this chat").click()
+    time.sleep(1)
+    assert chats.count() == 2 and user_texts(page) == ["Name three oceans.", "And three seas?"]
+    sessions = session_entries(url)
+    page.once("dialog", lambda dialog: dialog.accept())
     page.get_by_role("button", name="Delete this chat").click()
     page.wait_for_function("() => document.querySelectorAll('#kvchat-chats label').length === 1", timeout=10_000)
     assert chats.all_inner_texts() == ["Name three rivers."]
+    assert session_entries(url) < sessions  # its KV went with it
     page.locator(".user.message").filter(has_text="Name three rivers.").wait_for(timeout=10_000)
 
 

@@ -45,6 +45,7 @@ log = logging.getLogger("kvchat.app")
 
 LOAD_WAIT_S = 900  # a first start converts the bundled model; a request waits for it
 QUEUE_POLL_S = 0.5  # how often a queued visitor's place in line is refreshed
+FORGET_WAIT_S = 5.0  # how long Clear or Delete waits for a cancelled reply to let go of its KV
 # The chat list reads top to bottom, newest first; the reply's status sits quietly under the list.
 CSS = """
 #kvchat-chats .wrap { flex-direction: column; align-items: stretch; }
@@ -117,6 +118,7 @@ class Handlers:
                 temperature: float, top_p: float, visitor: str, index: Any, request: gr.Request) -> Iterator[tuple]:  # fmt: skip
         reply = self.replies.get(_tab(request), pending["reply"]) if isinstance(pending, dict) else None
         if reply is None:  # nothing sent, or the tab has moved on (another message, another chat)
+            yield SKIP, SKIP, SKIP  # Gradio sets an event's outputs to empty when a generator yields nothing
             return
         settings = ReplySettings(system_prompt, max_new_tokens, temperature, top_p)
         session = _session_id(visitor, index, request)
@@ -161,12 +163,13 @@ class Handlers:
                 yield _api_history(frame.history), frame.give_back or ""
 
     # --- ending a reply early: the engine stops, the stream ends normally, nothing is left over it ---
-    def stop(self, request: gr.Request) -> str:
-        self.replies.end(_tab(request), "stopped")
-        return ""
+    def stop(self, request: gr.Request) -> Any:
+        """Stop the tab's reply; with none running, leave the line under the chat as it is."""
+        return "" if self.replies.end(_tab(request), "stopped") else SKIP
 
-    def clear(self, request: gr.Request) -> str:
-        self.replies.end(_tab(request), "cleared")
+    def clear(self, visitor: str, index: Any, request: gr.Request) -> str:
+        """Clear (the trash icon): the reply stops, and the chat's KV goes from memory and disk."""
+        self._forget(self.replies.end(_tab(request), "cleared"), _session_id(visitor, index, request))
         return ""
 
     def leave(self, request: gr.Request) -> str:
@@ -179,14 +182,21 @@ class Handlers:
         disk (its own turns; a shared system prompt stays for others)."""
         if confirmed is not True:
             return SKIP
-        self.leave(request)
-        engine = self.holder.peek()
-        if engine is not None:
-            try:
-                engine.end_session(_session_id(visitor, index, request))
-            except Exception:  # the chat goes from the page regardless; its KV ages out of the budget
-                log.exception("could not drop a deleted chat's KV")
+        self._forget(self.replies.end(_tab(request), "replaced"), _session_id(visitor, index, request))
         return ""
+
+    def _forget(self, ended: Reply | None, session: str) -> None:
+        """Drop a chat's own KV, once the reply just ended (if any) has let go of it: a stopped
+        reply keeps the turns it computed, which would bring the chat's KV back."""
+        engine = self.holder.peek()
+        if engine is None:
+            return
+        if ended is not None and ended.generation is not None:
+            ended.generation.wait_done(FORGET_WAIT_S)
+        try:
+            engine.end_session(session)
+        except Exception:  # the chat goes from the page regardless; its KV ages out of the budget
+            log.exception("could not drop a cleared or deleted chat's KV")
 
     def _reply(self, history: History, settings: ReplySettings, session: str, reply: Reply,
                give_back: str | None) -> Iterator[Frame]:  # fmt: skip
@@ -293,7 +303,7 @@ class Handlers:
         choices = [(str(c.get("title") or "New chat"), c["id"]) for c in chats]
         open_id = index.get("open") if isinstance(index.get("open"), str) else None
         listed = open_id if any(c["id"] == open_id for c in chats) else None
-        typing = open_id == shown and bool((title or "").strip())
+        typing = open_id == shown and bool((title or "").strip()) and bool(index.get("title"))
         return gr.Radio(choices=choices, value=listed), SKIP if typing else str(index.get("title") or ""), open_id
 
     def warmth(self, history: History, system_prompt: str, visitor: str, index: Any, request: gr.Request) -> str:
@@ -537,7 +547,11 @@ def _wire_chat(handlers: Handlers, c: dict[str, Any]) -> None:
     listed(chatbot.edit(handlers.edit, [chatbot, *settings], streamed, **run))
     listed(chatbot.undo(handlers.undo, [chatbot], [chatbot, c["textbox"], c["reply_status"]], **now))
     c["stop"].click(handlers.stop, None, c["reply_status"], **now)
-    listed(chatbot.clear(handlers.clear, None, c["reply_status"], **now))
+    listed(chatbot.clear(handlers.clear, [c["visitor"], index], c["reply_status"], **now))
+    # a reply is also saved while it streams (at most once a second), so a reload or a closed tab
+    # mid-reply keeps what was written; the save after the reply stores its end
+    chatbot.change(None, [chatbot, system], None, js="(h, s) => { window.kvchat.saveSoon(h, s); return []; }",
+                   **private)  # fmt: skip
 
     def opened(event: Any) -> None:
         """A chat is on screen: draw the list, and say how warm the chat is."""
@@ -613,6 +627,8 @@ def serve(holder: BackgroundEngine, config: Config, first_page: FirstPage | None
     (`kvchat.cli`) has started the engine loading and put up `first_page`, which yields the port."""
     demo, local_url, share_url = launch(holder, config, before_bind=first_page.close if first_page else None)
     print(f"kvchat: serving at {local_url}", flush=True)
+    if config.usage_db:
+        print(f"kvchat: usage log (SQLite, no message text) at {Path(config.usage_db).resolve()}", flush=True)
     print(f"kvchat: OpenAI-compatible API at {local_url.rstrip('/')}/v1 (model {model_id(config.model)!r}), "
           f"Prometheus metrics at {local_url.rstrip('/')}/metrics", flush=True)  # fmt: skip
     if config.exposed and config.api_key is None:

@@ -90,6 +90,10 @@
   const newest = (library) =>
     Object.entries(library.chats).sort(([, a], [, b]) => (b.updated_ms || 0) - (a.updated_ms || 0));
 
+  const SOON_MS = 1000;
+  let soon = null;
+  let latest = null;
+
   // What this tab last showed of its chat: `store` writes only what the tab itself changed.
   let seen = { id: "", turns: turns([]) };
   const setOpened = (id, rev, history) => {
@@ -187,19 +191,40 @@
       return [...show(id, system), index(), library.visitor];
     },
     save(history, system) {
+      clearTimeout(soon);
+      soon = null;
       store(history, system);
       return [index()];
     },
+    // While a reply streams: store what is on screen at most once per SOON_MS, so a reload or a
+    // closed tab keeps the words written so far.
+    saveSoon(history, system) {
+      const open = opened();
+      latest = { history, system, id: open ? open.id : "" };
+      if (!soon) {
+        soon = setTimeout(() => {
+          soon = null;
+          const now = opened();
+          if (now && now.id === latest.id) store(latest.history, latest.system);  // the same chat is on screen
+        }, SOON_MS);
+      }
+    },
     newChat(history, system) {
+      clearTimeout(soon);
+      soon = null;
       store(history, system);
       show(newId(), system);
       return [[], system, index()];
     },
     open(id, history, system) {
+      clearTimeout(soon);
+      soon = null;
       store(history, system);
       return [...show(id, system), index()];
     },
     rename(title, history, system) {
+      clearTimeout(soon);
+      soon = null;
       store(history, system);
       const library = read();
       const open = opened();
@@ -215,6 +240,8 @@
       return [index()];
     },
     remove(system) {
+      clearTimeout(soon);
+      soon = null;
       const library = read();
       const open = opened();
       if (open) delete library.chats[open.id];

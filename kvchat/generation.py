@@ -95,6 +95,10 @@ class Generation:
         finally:
             self._cancel.set()  # a client gone mid-stream stops the request, as Stop does
 
+    def wait_done(self, timeout: float | None = None) -> bool:
+        """Block until the request is done, whatever its outcome; False if `timeout` passed first."""
+        return self._done.wait(timeout)
+
     def wait(self, timeout: float | None = None) -> Usage:
         """Block until the request is done (it stops early if cancelled); re-raise its error."""
         if not self._done.wait(timeout):

@@ -169,7 +169,7 @@ def request_axis(frame: pd.DataFrame) -> list[float] | None:
     if frame.empty:
         return None
     first, last = int(frame["request"].min()), int(frame["request"].max())
-    return [first, max(last, first + REQUEST_AXIS_MIN_SPAN)]
+    return [first - 0.5, max(last, first + REQUEST_AXIS_MIN_SPAN) + 0.5]  # half a request each side: whole dots
 
 
 def hit_rate_frame(rows: list[dict] | None) -> pd.DataFrame:

@@ -86,14 +86,13 @@ class TabReplies:
             reply = self._by_tab.get(tab)
         return reply if reply is not None and reply.id == reply_id else None
 
-    def end(self, tab: str, reason: EndReason) -> bool:
-        """End the tab's reply, if it has one; True if it had."""
+    def end(self, tab: str, reason: EndReason) -> Reply | None:
+        """End the tab's reply, if it has one, and return it."""
         with self._lock:
             reply = self._by_tab.get(tab)
-        if reply is None:
-            return False
-        reply.end(reason)
-        return True
+        if reply is not None:
+            reply.end(reason)
+        return reply
 
     def finished(self, reply: Reply) -> None:
         with self._lock:

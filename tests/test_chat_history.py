@@ -179,5 +179,5 @@ def test_ending_is_safe_from_many_threads():
 def test_request_axes_span_enough_requests_for_whole_number_ticks(first, last):
     frame = pd.DataFrame({"request": list(range(first, last + 1))})
     low, high = panel.request_axis(frame)
-    assert low == first and high >= max(last, first + panel.REQUEST_AXIS_MIN_SPAN)
+    assert low < first and high > max(last, first + panel.REQUEST_AXIS_MIN_SPAN) and high - low > 12
     assert panel.request_axis(pd.DataFrame({"request": []})) is None

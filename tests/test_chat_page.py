@@ -173,6 +173,7 @@ def test_a_queued_reply_shows_its_place_outside_the_chat_and_stop_leaves_no_trac
 def test_clear_while_streaming_stops_the_engine_and_the_chat_stays_empty(app, context):
     url, db = app
     page = open_tab(context, url)
+    sessions = session_entries(url)  # other chats' turns, earlier tests'
     chat_and_keep(page, "Name a planet.", 8)
     set_max_tokens(page, 150)
     before = settled_rows(url, db)
@@ -183,6 +184,7 @@ def test_clear_while_streaming_stops_the_engine_and_the_chat_stays_empty(app, co
     row = wait_rows(db, before + 1)[-1]
     assert row["finish_reason"] == "cancelled" and row["new_tokens"] < 150
     time.sleep(1.5)  # anything still in flight would have redrawn the chat by now
+    assert session_entries(url) == sessions, "the cleared chat's KV is still cached"
     assert turns(page) == [] and no_error_shown(page)
     page.reload()
     page.get_by_text("✅").first.wait_for(timeout=60_000)
@@ -265,6 +267,32 @@ def test_sending_while_a_reply_streams_keeps_the_message_in_the_box(app, context
     page.locator(".user.message").filter(has_text="And a short one?").wait_for(timeout=10_000)
     assert message_box(page).input_value() == ""
     page.get_by_role("button", name="Stop", exact=True).click()
+
+
+def test_an_empty_send_changes_nothing(app, context):
+    url, _ = app
+    page = open_tab(context, url)
+    chat_and_keep(page, "Name a blue flower.", 8)
+    shown = turns(page)
+    send(page, "")
+    page.get_by_text("Type a message first").first.wait_for(timeout=10_000)
+    time.sleep(1.5)
+    assert turns(page) == shown and page.locator("#kvchat-chats label").filter(has_text="blue flower").count() == 1
+    assert any("blue flower" in json.dumps(chat) for chat in stored_chats(page).values())
+
+
+def test_a_reload_mid_reply_keeps_what_was_written(app, context):
+    url, _ = app
+    page = streaming(context, url, "Write a long story about a copper kettle.", 200, 40)
+    time.sleep(1.5)  # the page stores a streaming reply at least once a second
+    written = turns(page)[-1]
+    page.reload()
+    page.get_by_text("✅").first.wait_for(timeout=60_000)
+    page.get_by_text("copper kettle").nth(1).wait_for(timeout=30_000)  # the list and the chat
+    after = turns(page)
+    assert after[0] == "Write a long story about a copper kettle." and len(after) == 2
+    assert after[1].startswith(written[:40]), (written, after)
+    engine_idle(url)  # the closed page stopped the reply in the engine
 
 
 def test_switching_chats_while_a_reply_streams_keeps_each_chat_its_own(app, context):

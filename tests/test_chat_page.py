@@ -15,7 +15,9 @@ from gradio_client import Client
 from playwright.sync_api import Page
 
 from test_app import running_app
-from test_browser import ARGS, CHROMIUM, badges, chat_and_keep, chat_once, message_box, send, set_max_tokens, stored_chats
+from test_browser import (  # noqa: F401 - `browser` is a fixture
+    badges, browser, chat_and_keep, chat_once, message_box, send, set_max_tokens, stored_chats,
+)
 
 LOADED_S = 180
 
@@ -24,16 +26,6 @@ LOADED_S = 180
 def app(tmp_path_factory, bundled_dir):
     with running_app(tmp_path_factory.mktemp("chat-page")) as served:
         yield served
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        yield browser
-        browser.close()
 
 
 @pytest.fixture

@@ -9,6 +9,9 @@ median of repeated runs on the threads torch uses here. Kernels:
   w8 fp32    torch.ops.aten._weight_int8pack_mm, int8 weights with per-channel scales, fp32 activations
   w8 bf16    the same with bf16 activations and scales
   w8a8 fbgemm torch.ops.quantized.linear_dynamic (per-tensor activation scale: for reference only)
+  w8a8 rows   the same kernel made per-token: each row divided by its own absmax, plus a sentinel row
+              holding +1 and -1, so the tensor's min/max (hence fbgemm's activation scale and zero
+              point) are the same in every batch and a row's int8 values depend on that row alone
   _int_mm    torch._int_mm on int8 activations (the op torchao's per-token W8A8 calls on CPU)
 Batch invariance: the largest difference between a row computed inside a 16-row batch and alone.
 """
@@ -50,6 +53,13 @@ def kernels(weight: torch.Tensor) -> dict[str, Callable[[torch.Tensor], torch.Te
         torch.quantize_per_channel(weight, scales.double(), torch.zeros(len(scales), dtype=torch.long), 0, torch.qint8), None)
     w8_t = w8.t().contiguous()
 
+    sentinel = torch.zeros(1, weight.shape[1])
+    sentinel[0, :2] = torch.tensor([1.0, -1.0])
+
+    def w8a8_rows(x: torch.Tensor) -> torch.Tensor:
+        absmax = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-12)
+        return torch.ops.quantized.linear_dynamic(torch.cat([x / absmax, sentinel]), packed, False)[:-1] * absmax
+
     def int_mm(x: torch.Tensor) -> torch.Tensor:
         x_scales = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127
         x8 = torch.round(x / x_scales).clamp(-127, 127).to(torch.int8)
@@ -60,6 +70,7 @@ def kernels(weight: torch.Tensor) -> dict[str, Callable[[torch.Tensor], torch.Te
         "w8 fp32": lambda x: torch.ops.aten._weight_int8pack_mm(x, w8, scales),
         "w8 bf16": lambda x: torch.ops.aten._weight_int8pack_mm(x.bfloat16(), w8, scales_bf16).float(),
         "w8a8 fbgemm": lambda x: torch.ops.quantized.linear_dynamic(x, packed, False),
+        "w8a8 rows": w8a8_rows,
         "_int_mm": int_mm,
     }
 

@@ -46,19 +46,32 @@ def per_channel_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8), scales
 
 
+def fbgemm_packed(weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """`weight` [N, K] as fbgemm's packed int8 weight, one scale per output channel."""
+    zero_points = torch.zeros(len(scales), dtype=torch.long)
+    return torch.ops.quantized.linear_prepack(
+        torch.quantize_per_channel(weight, scales.double(), zero_points, 0, torch.qint8), None)
+
+
+def sentinel_row(in_features: int) -> torch.Tensor:
+    row = torch.zeros(1, in_features)
+    row[0, :2] = torch.tensor([1.0, -1.0])
+    return row
+
+
+def w8a8_rows(x: torch.Tensor, packed: torch.Tensor, sentinel: torch.Tensor) -> torch.Tensor:
+    """x [M, K] @ W.T with int8 activations per row: each row scaled to absmax 1, and the sentinel
+    row (+1 and -1) fixes the tensor's min/max, so fbgemm's activation scale is the same in any batch."""
+    absmax = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-12)
+    return torch.ops.quantized.linear_dynamic(torch.cat([x / absmax, sentinel]), packed, False)[:-1] * absmax
+
+
 def kernels(weight: torch.Tensor) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
     w8, scales = per_channel_int8(weight)
     scales_bf16 = scales.to(torch.bfloat16)
-    packed = torch.ops.quantized.linear_prepack(
-        torch.quantize_per_channel(weight, scales.double(), torch.zeros(len(scales), dtype=torch.long), 0, torch.qint8), None)
+    packed = fbgemm_packed(weight, scales)
+    sentinel = sentinel_row(weight.shape[1])
     w8_t = w8.t().contiguous()
-
-    sentinel = torch.zeros(1, weight.shape[1])
-    sentinel[0, :2] = torch.tensor([1.0, -1.0])
-
-    def w8a8_rows(x: torch.Tensor) -> torch.Tensor:
-        absmax = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-12)
-        return torch.ops.quantized.linear_dynamic(torch.cat([x / absmax, sentinel]), packed, False)[:-1] * absmax
 
     def int_mm(x: torch.Tensor) -> torch.Tensor:
         x_scales = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127
@@ -70,7 +83,7 @@ def kernels(weight: torch.Tensor) -> dict[str, Callable[[torch.Tensor], torch.Te
         "w8 fp32": lambda x: torch.ops.aten._weight_int8pack_mm(x, w8, scales),
         "w8 bf16": lambda x: torch.ops.aten._weight_int8pack_mm(x.bfloat16(), w8, scales_bf16).float(),
         "w8a8 fbgemm": lambda x: torch.ops.quantized.linear_dynamic(x, packed, False),
-        "w8a8 rows": w8a8_rows,
+        "w8a8 rows": lambda x: w8a8_rows(x, packed, sentinel),
         "_int_mm": int_mm,
     }
 

@@ -11,9 +11,7 @@ tokens of README text, and whether a prompt prefilled in two chunks gives the lo
 from __future__ import annotations
 
 import copy
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout: python scripts/int8_model.py
@@ -23,6 +21,7 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from transformers import DynamicCache  # noqa: E402
 
+from int8_kernels import fbgemm_packed, median_ms, per_channel_int8, sentinel_row, w8a8_rows  # noqa: E402
 from kvchat import models  # noqa: E402
 from kvchat.config import default_home  # noqa: E402
 
@@ -37,19 +36,12 @@ class W8A8Rows(nn.Module):
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         weight = linear.weight.detach().float()
-        scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
-        zero = torch.zeros(len(scales), dtype=torch.long)
-        self.packed = torch.ops.quantized.linear_prepack(
-            torch.quantize_per_channel(weight, scales.double(), zero, 0, torch.qint8), None)
-        self.sentinel = torch.zeros(1, weight.shape[1])
-        self.sentinel[0, :2] = torch.tensor([1.0, -1.0])
+        self.packed = fbgemm_packed(weight, per_channel_int8(weight)[1])
+        self.sentinel = sentinel_row(weight.shape[1])
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1])
-        absmax = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-12)
-        y = torch.ops.quantized.linear_dynamic(torch.cat([rows / absmax, self.sentinel]), self.packed, False)
-        y = (y[:-1] * absmax).reshape(*x.shape[:-1], -1)
+        y = w8a8_rows(x.reshape(-1, x.shape[-1]), self.packed, self.sentinel).reshape(*x.shape[:-1], -1)
         return y if self.bias is None else y + self.bias
 
 
@@ -65,13 +57,7 @@ def quantized(model: nn.Module, skip: tuple[str, ...]) -> nn.Module:
 @torch.no_grad()
 def step_ms(model: nn.Module, rows: int) -> float:
     x = torch.randint(0, 1000, (rows, 1))
-    model(x)
-    times = []
-    for _ in range(15):
-        start = time.perf_counter()
-        model(x)
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+    return median_ms(lambda: model(x), repeats=15)
 
 
 @torch.no_grad()

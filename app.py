@@ -339,6 +339,7 @@ class Handlers:
         auto = " (auto)" if self.config.cache_budget_bytes is None else ""
         text = (
             f"✅ **{loaded.name}** on `{loaded.device}` ({str(loaded.dtype).removeprefix('torch.')}) · "
+            + (f"{loaded.quantization.summary()} · " if loaded.quantization else "") +
             f"KV budget {format_bytes(engine.budget_bytes)}{auto} · {panel.disk_words(stats)} · "
             f"context {engine.context_tokens:,} tokens · attention: {engine.attention.path}"
         )

@@ -53,6 +53,7 @@ def load_engine(config: Config) -> Engine:
 
     return Engine.load(
         model=config.model, device=config.device, dtype=config.dtype, attention=config.attention,
+        quantize=config.quantize,
         cache_budget="auto" if config.cache_budget_bytes is None else config.cache_budget_bytes,
         usage_db=config.usage_db, store_text=config.store_text, prefix_salt=config.prefix_salt,
         home=config.home, max_batch=config.max_batch, max_waiting=config.max_queue, eviction=config.eviction,

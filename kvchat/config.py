@@ -93,6 +93,7 @@ class Config:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     attention: str = "auto"  # auto | cascade | compatible: which verified attention path serves (probe.py)
+    quantize: str = "none"  # none | fp16 | int8: the linear layers' weights on a CPU (quantize.py)
     cache_budget_bytes: int | None = 512 * 2**20  # None = auto (from free memory at start)
     usage_db: str | None = "kvchat.db"  # None = no usage log
     store_text: bool = False  # store message text in the usage log (off: only numbers)
@@ -152,6 +153,11 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
                         "cascade (shared runs read in place) when it reproduces the model, else compatible "
                         "(the model's own attention over copied KV); a path that fails the check is refused "
                         "[KVCHAT_ATTENTION]")
+    parser.add_argument("--quantize", default=env("QUANTIZE", "none"), choices=["none", "fp16", "int8"],
+                        help="the linear layers' weights on a CPU (float32 model): fp16 halves the bytes each "
+                        "decode step reads and keeps activations in float32, so reuse stays exact; int8 (per-"
+                        "channel weights, per-token activations) is refused by the start-up check on this "
+                        "model, because it changes what reuse computes (README, 'Faster on a CPU') [KVCHAT_QUANTIZE]")
     parser.add_argument("--cache-budget", default=env("CACHE_BUDGET", "512MiB"),
                         help="bytes all cached KV may hold in memory, e.g. 512MiB, 2GiB, 800MB, or auto "
                         "(from free GPU memory or available RAM at start) [KVCHAT_CACHE_BUDGET]")
@@ -227,6 +233,7 @@ def config_from_args(argv: Sequence[str] | None = None, environ: Mapping[str, st
         device=args.device,
         dtype=args.dtype,
         attention=args.attention,
+        quantize=args.quantize,
         cache_budget_bytes=None if auto else parse_bytes(args.cache_budget),
         usage_db=usage_db,
         store_text=args.store_text,

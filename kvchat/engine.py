@@ -125,7 +125,7 @@ class Engine:
     ) -> None:
         kv_storage.check_supported(loaded.model)
         kv_storage.use_native_gqa(loaded.device)
-        forward, self.attention = probe.choose(loaded.model, loaded.device, attention)
+        forward, self.attention = _choose_path(loaded, attention)
         if max_batch < 1:
             raise InputError("max batch must be at least 1")
         self.loaded = loaded
@@ -176,6 +176,7 @@ class Engine:
         device: str = "auto",
         dtype: str = "auto",
         attention: str = "auto",
+        quantize: str = "none",
         cache_budget: str | int = "512MiB",
         usage_db: str | Path | None = "kvchat.db",
         store_text: bool = False,
@@ -194,11 +195,12 @@ class Engine:
         disk tier (None = memory only), then warm and pin `presets` (title -> system prompt) in
         the background. `cache_budget="auto"` sizes the memory tier from free memory. `attention`
         picks the path (auto, cascade, compatible; see `probe.py`): InputError when the model cannot
-        be served exactly on it."""
+        be served exactly on it. `quantize` (none, fp16, int8) replaces the linear layers on a CPU
+        (`quantize.py`); the probe then holds the quantised model to the float model's rounding."""
         disk_budget_bytes = parse_bytes(disk_budget)
         budget = None if str(cache_budget).strip().lower() == "auto" else parse_bytes(cache_budget)
         policy_named(eviction)  # a bad name fails before the slow load
-        loaded = models.load(model, device=device, dtype=dtype, home=home)
+        loaded = models.load(model, device=device, dtype=dtype, home=home, quantize_mode=quantize)
         if budget is None:
             budget, why = auto_budget_bytes(loaded.device)
             log.info("--cache-budget auto: %s (%s)", format_bytes(budget), why)
@@ -526,3 +528,20 @@ def _whole(value: Any, name: str, field: str) -> int:
 
 def _opaque(session_id: str | None) -> str:
     return "" if session_id is None else xxhash.xxh3_64_hexdigest(session_id.encode("utf-8"))
+
+
+def _choose_path(loaded: models.LoadedModel, attention: str) -> tuple[probe.Forward, probe.AttentionChoice]:
+    """The probe's path for this model; a quantised one is held to its float model's rounding,
+    and a refusal says so."""
+    report = loaded.quantization
+    if report is None:
+        return probe.choose(loaded.model, loaded.device, attention)
+    try:
+        return probe.choose(loaded.model, loaded.device, attention, float_rounding=report.float_rounding)
+    except InputError as err:
+        raise InputError(
+            f"--quantize {report.mode} changes what reuse computes: {err}. The tolerance is the float model's own "
+            f"rounding, and {report.mode} linears move a prompt's logits further when it is fed in chunks or "
+            f"read from the cache than float32 does, so a cached reply could differ from a recomputed one"
+            + ("; --quantize fp16 keeps activations in float32 and is served exactly" if report.mode == "int8" else "")
+        ) from err

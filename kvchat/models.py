@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from kvchat.config import check_source
 from kvchat.errors import InputError
+from kvchat.quantize import QuantizeReport, check_mode, quantize
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     load_s: float
+    quantization: QuantizeReport | None = None  # --quantize: what was replaced, the bytes before and after
 
 
 def resolve_device(name: str) -> torch.device:
@@ -113,13 +115,18 @@ def converted_bundled(home: Path) -> tuple[Path, str]:
     return target, digest
 
 
-def load(model: str | None, device: str = "auto", dtype: str = "auto", home: Path | None = None) -> LoadedModel:
-    """Load tokenizer and causal LM, in eval mode on the chosen device. Bad choices raise InputError."""
+def load(
+    model: str | None, device: str = "auto", dtype: str = "auto", home: Path | None = None, quantize_mode: str = "none"
+) -> LoadedModel:
+    """Load tokenizer and causal LM, in eval mode on the chosen device, its linear layers
+    quantised when `quantize_mode` is fp16 or int8 (`quantize.py`). Bad choices raise InputError."""
     from kvchat.config import default_home
+    from kvchat.probe import rounding
 
     started = time.perf_counter()
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
+    check_mode(quantize_mode, torch_device, torch_dtype)
     if model is None:
         path, digest = converted_bundled(home or default_home())
         source, name, identity = str(path), BUNDLED_NAME, f"bundled:{BUNDLED_FILE}:{digest}"
@@ -134,6 +141,12 @@ def load(model: str | None, device: str = "auto", dtype: str = "auto", home: Pat
         identity = weights_identity(Path(source)) if Path(source).is_dir() else \
             f"hub:{model}@{getattr(weights.config, '_commit_hash', None) or 'unknown'}"
     weights.to(torch_device).eval()
+    report = None
+    if quantize_mode != "none":  # the float model's rounding first: the probe's yardstick for the quantised one
+        with torch.inference_mode():
+            report = quantize(weights, quantize_mode, rounding(weights, torch_device))
+        name, identity = f"{name}, {quantize_mode} linears", f"{identity}|quantize:{quantize_mode}"
+        log.info("--quantize %s: %s", quantize_mode, report.summary())
     return LoadedModel(
         model=weights,
         tokenizer=tokenizer,
@@ -142,6 +155,7 @@ def load(model: str | None, device: str = "auto", dtype: str = "auto", home: Pat
         device=torch_device,
         dtype=torch_dtype,
         load_s=time.perf_counter() - started,
+        quantization=report,
     )
 
 

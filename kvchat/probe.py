@@ -91,9 +91,13 @@ class AttentionChoice:
         return f"compatible (the model's own attention over copied KV, verified at load){why}"
 
 
-def choose(model: PreTrainedModel, device: torch.device, wanted: str = "auto") -> tuple[Forward, AttentionChoice]:
+def choose(
+    model: PreTrainedModel, device: torch.device, wanted: str = "auto", float_rounding: float | None = None
+) -> tuple[Forward, AttentionChoice]:
     """The first path (cascade, then compatible; or only `wanted`) whose logits match the model's
-    own forward. Raises InputError naming the family and what differed when none does."""
+    own forward. `float_rounding`, for a quantised model, is `rounding(...)` of its float weights:
+    the tolerance is then learnt from them, so rounding that quantisation adds counts as a
+    difference. Raises InputError naming the family and what differed when none does."""
     if wanted not in ("auto", *PATHS):
         raise InputError(f"unknown attention path {wanted!r}: use auto, cascade or compatible")
     started = time.perf_counter()
@@ -101,7 +105,7 @@ def choose(model: PreTrainedModel, device: torch.device, wanted: str = "auto") -
     candidates = PATHS if wanted == "auto" else (wanted,)
     checks: list[PathCheck] = []
     with torch.inference_mode():
-        case = _Case.make(model, device)
+        case = _Case.make(model, device, float_rounding)
         twin = _float32_twin(model)
         twin_case = _Case.make(twin, torch.device("cpu")) if twin is not None else None
         for path in candidates:
@@ -143,16 +147,12 @@ class _Case:
     tolerance: float
 
     @classmethod
-    def make(cls, model: PreTrainedModel, device: torch.device) -> _Case:
-        vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None \
-            else model.config.vocab_size
-        generator = torch.Generator().manual_seed(0)
-        draw = lambda n: torch.randint(0, vocab, (n,), generator=generator).tolist()  # noqa: E731
-        shared = draw(sum(SHARED_CHUNKS))
-        longest = draw(max(TAILS) + DECODE_TOKENS)
-        tails = [longest[: n + DECODE_TOKENS] for n in TAILS]
-        reference = _full_logits(model, device, shared + longest)
-        noise = _stock_cache_diff(model, device, shared, tails[0], reference)
+    def make(cls, model: PreTrainedModel, device: torch.device, noise: float | None = None) -> _Case:
+        """The case for `model`; its tolerance from `noise` when given, else from the model's own rounding."""
+        shared, tails = _tokens(model)
+        reference = _full_logits(model, device, shared + max(tails, key=len))
+        if noise is None:
+            noise = _stock_cache_diff(model, device, shared, tails[0], reference)
         # the model's own noise can be 0 at these shapes while a batched or chunked one rounds
         floor = max(FLOOR, FLOOR_ROUNDING_UNITS * torch.finfo(model.dtype).eps)
         return cls(model, device, shared, tails, reference, max(NOISE_FACTOR * noise, floor))
@@ -200,6 +200,27 @@ class _Case:
                 compare(logits[index], len(self.shared) + fed - 1)
                 row.token_ids = tail[fed : fed + 1]
         return worst
+
+
+def rounding(model: PreTrainedModel, device: torch.device) -> float:
+    """How far the model's own incremental forward lands from its full forward on the probe's
+    case (relative error of the logits): its rounding at this dtype and device."""
+    with torch.inference_mode():
+        shared, tails = _tokens(model)
+        reference = _full_logits(model, device, shared + max(tails, key=len))
+        return _stock_cache_diff(model, device, shared, tails[0], reference)
+
+
+def _tokens(model: PreTrainedModel) -> tuple[list[int], list[list[int]]]:
+    """The case's token ids, drawn with a fixed seed: the shared run, and each row's tail (its
+    prompt after the shared run, then its decode token; each a prefix of the last)."""
+    output = model.get_output_embeddings()
+    vocab = getattr(output, "out_features", None) or model.config.vocab_size
+    generator = torch.Generator().manual_seed(0)
+    draw = lambda n: torch.randint(0, vocab, (n,), generator=generator).tolist()  # noqa: E731
+    shared = draw(sum(SHARED_CHUNKS))
+    longest = draw(max(TAILS) + DECODE_TOKENS)
+    return shared, [longest[: n + DECODE_TOKENS] for n in TAILS]
 
 
 def _full_logits(model: PreTrainedModel, device: torch.device, ids: list[int]) -> torch.Tensor:

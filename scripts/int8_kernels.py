@@ -8,7 +8,8 @@ median of repeated runs on the threads torch uses here. Kernels:
   fp32       F.linear, today's path
   w8 fp32    torch.ops.aten._weight_int8pack_mm, int8 weights with per-channel scales, fp32 activations
   w8 bf16    the same with bf16 activations and scales
-  w8a8 fbgemm torch.ops.quantized.linear_dynamic (per-tensor activation scale: for reference only)
+  w8a8 fbgemm torch.ops.quantized.linear_dynamic (per-tensor activation scale: for reference only;
+              7-bit activations, `reduce_range`, as AVX2's 16-bit pair sums saturate with 8 bits)
   w8a8 rows   the same kernel made per-token: each row divided by its own absmax, plus a sentinel row
               holding +1 and -1, so the tensor's min/max (hence fbgemm's activation scale and zero
               point) are the same in every batch and a row's int8 values depend on that row alone
@@ -63,7 +64,7 @@ def w8a8_rows(x: torch.Tensor, packed: torch.Tensor, sentinel: torch.Tensor) -> 
     """x [M, K] @ W.T with int8 activations per row: each row scaled to absmax 1, and the sentinel
     row (+1 and -1) fixes the tensor's min/max, so fbgemm's activation scale is the same in any batch."""
     absmax = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-12)
-    return torch.ops.quantized.linear_dynamic(torch.cat([x / absmax, sentinel]), packed, False)[:-1] * absmax
+    return torch.ops.quantized.linear_dynamic(torch.cat([x / absmax, sentinel]), packed, True)[:-1] * absmax
 
 
 def kernels(weight: torch.Tensor) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
@@ -82,7 +83,7 @@ def kernels(weight: torch.Tensor) -> dict[str, Callable[[torch.Tensor], torch.Te
         "fp32": lambda x: F.linear(x, weight),
         "w8 fp32": lambda x: torch.ops.aten._weight_int8pack_mm(x, w8, scales),
         "w8 bf16": lambda x: torch.ops.aten._weight_int8pack_mm(x.bfloat16(), w8, scales_bf16).float(),
-        "w8a8 fbgemm": lambda x: torch.ops.quantized.linear_dynamic(x, packed, False),
+        "w8a8 fbgemm": lambda x: torch.ops.quantized.linear_dynamic(x, packed, True),
         "w8a8 rows": lambda x: w8a8_rows(x, packed, sentinel),
         "_int_mm": int_mm,
     }

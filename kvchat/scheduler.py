@@ -40,6 +40,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from kvchat import cpu_threads
 from kvchat.chat import Prompt, TextStream
 from kvchat.errors import GenerationError
 from kvchat.generation import Generation
@@ -150,6 +151,7 @@ class Scheduler:
         self._wake = threading.Condition()
         self._tasks: list[tuple[Callable[[], Any], Future[Any]]] = []
         self._closing = False
+        self._threads: cpu_threads.CpuThreads | None = None  # chosen by the loop's thread, before it serves
         self._thread = threading.Thread(target=self._loop, name="kvchat-scheduler", daemon=True)
         self._thread.start()
 
@@ -189,6 +191,7 @@ class Scheduler:
         return done.result()
 
     def _loop(self) -> None:
+        self._threads = cpu_threads.choose(self.forward.model, self.forward.device)
         while True:
             with self._wake:
                 while not self._waiting and not self._running and not self._tasks and not self._closing:
@@ -223,6 +226,8 @@ class Scheduler:
                 time.sleep(0.01)  # nothing fits yet and nothing runs: only a cancel can change that
             return
         rows = [request.row(ids) for request, ids in batch]
+        if self._threads is not None:
+            self._threads.use(sum(len(ids) for _, ids in batch))
         try:
             logits = self.forward(rows)
         except Exception as err:

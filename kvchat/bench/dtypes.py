@@ -38,8 +38,9 @@ def generate_ids(engine: Engine, messages: Messages, max_new_tokens: int) -> lis
     return new[:-1] if new and new[-1] in engine.eos_ids else new
 
 
-def measure(dtype: str, visitors: int, new_tokens: int, device: str = "cpu") -> dict[str, Any]:
-    loaded = models.load(None, device=device, dtype=dtype)
+def measure(dtype: str, visitors: int, new_tokens: int, device: str = "cpu", quantize: str = "none") -> dict[str, Any]:
+    """One engine on the bundled model in `dtype` (linears quantised by `quantize`): see the module docstring."""
+    loaded = models.load(None, device=device, dtype=dtype, quantize_mode=quantize)
     engine = Engine(loaded, cache_budget_bytes=1024 * 2**20)
     try:
         conversations = asks(visitors)
@@ -49,15 +50,16 @@ def measure(dtype: str, visitors: int, new_tokens: int, device: str = "cpu") -> 
         reference = [generate_ids(engine, m, new_tokens) for m in conversations]
         solo = [_serve(engine, f"solo-{i}", m, time.perf_counter()) for i, m in enumerate(conversations)]
         decode_tps = engine.chat("speed", conversations[0], max_new_tokens=new_tokens).usage.decode_tokens_per_s
-        _, together = _together(engine, "crowd", conversations)
+        together_s, together = _together(engine, "crowd", conversations)
         cached = _differences(engine, conversations, [s.token_ids for s in solo], reference)
         batched = _differences(engine, conversations, [t.token_ids for t in together], [s.token_ids for s in solo])
         return {
-            "device": device, "dtype": dtype, "path": engine.attention.path, "probe_ms": round(engine.attention.probe_ms),
+            "device": device, "dtype": dtype, "quantize": quantize, "path": engine.attention.path, "probe_ms": round(engine.attention.probe_ms),
             "visitors": visitors, "new_tokens": new_tokens,
             "cached_vs_uncached_equal": visitors - len(cached), "cached_vs_uncached": cached,
             "batched_vs_solo_equal": visitors - len(batched), "batched_vs_solo": batched,
             "prefill_tokens_per_s": round(prefill_tps, 1), "decode_tokens_per_s": round(decode_tps or 0.0, 1),
+            "together_tokens_per_s": round(sum(t.new_tokens for t in together) / together_s, 1),
         }  # fmt: skip
     finally:
         engine.close()

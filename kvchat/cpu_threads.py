@@ -15,6 +15,8 @@ from __future__ import annotations
 import logging
 import statistics
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -26,27 +28,31 @@ SMALL_FORWARD_TOKENS = 1  # forwards feeding this many tokens or fewer may switc
 TIMED_FORWARDS = 5  # per thread count, after one untimed
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class CpuThreads:
-    """The thread counts of this thread's forwards: one-token ones and the rest."""
+    """The thread count for this thread's one-token forwards, and the default for the rest."""
 
     small_forward_threads: int
     default_threads: int
     timings_ms: dict[int, float] = field(default_factory=dict)  # threads -> median one-token forward
-    _current: int = 0
 
-    def use(self, tokens: int) -> None:
-        """Set the calling thread's count for a forward feeding `tokens` tokens (only when it changes)."""
-        wanted = self.small_forward_threads if tokens <= SMALL_FORWARD_TOKENS else self.default_threads
-        if wanted != self._current:
-            torch.set_num_threads(wanted)
-            self._current = wanted
+    @contextmanager
+    def forward(self, tokens: int) -> Iterator[None]:
+        """Run a forward feeding `tokens` tokens on its thread count. `torch.set_num_threads` also
+        sets the count threads started later begin with, so the default is put back at once."""
+        if tokens > SMALL_FORWARD_TOKENS or self.small_forward_threads == self.default_threads:
+            yield
+            return
+        torch.set_num_threads(self.small_forward_threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(self.default_threads)
 
 
-def choose(model: PreTrainedModel, device: torch.device) -> CpuThreads | None:
-    """Time a one-token forward on 1 thread and on the default count in the calling thread; None
-    off a CPU or with a single thread (nothing to choose)."""
-    default = torch.get_num_threads()
+def choose(model: PreTrainedModel, device: torch.device, default: int) -> CpuThreads | None:
+    """Time a one-token forward on 1 thread and on `default` threads (the count the engine was
+    built with) in the calling thread; None off a CPU or with a single thread (nothing to choose)."""
     if device.type != "cpu" or default < 2:
         return None
     token = torch.zeros((1, 1), dtype=torch.long, device=device)
@@ -65,4 +71,4 @@ def choose(model: PreTrainedModel, device: torch.device) -> CpuThreads | None:
     small = min(timings, key=timings.__getitem__)
     log.info("one-token forwards on %d CPU thread(s): one token %s", small,
              ", ".join(f"{ms:.0f} ms on {n}" for n, ms in timings.items()))  # fmt: skip
-    return CpuThreads(small, default, timings, default)
+    return CpuThreads(small, default, timings)

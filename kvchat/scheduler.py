@@ -29,6 +29,7 @@ them: it reads nothing but its own buffer.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -151,6 +152,7 @@ class Scheduler:
         self._wake = threading.Condition()
         self._tasks: list[tuple[Callable[[], Any], Future[Any]]] = []
         self._closing = False
+        self._default_threads = torch.get_num_threads()  # the building thread's count: the loop's default
         self._threads: cpu_threads.CpuThreads | None = None  # chosen by the loop's thread, before it serves
         self._thread = threading.Thread(target=self._loop, name="kvchat-scheduler", daemon=True)
         self._thread.start()
@@ -191,7 +193,7 @@ class Scheduler:
         return done.result()
 
     def _loop(self) -> None:
-        self._threads = cpu_threads.choose(self.forward.model, self.forward.device)
+        self._threads = cpu_threads.choose(self.forward.model, self.forward.device, self._default_threads)
         while True:
             with self._wake:
                 while not self._waiting and not self._running and not self._tasks and not self._closing:
@@ -226,10 +228,10 @@ class Scheduler:
                 time.sleep(0.01)  # nothing fits yet and nothing runs: only a cancel can change that
             return
         rows = [request.row(ids) for request, ids in batch]
-        if self._threads is not None:
-            self._threads.use(sum(len(ids) for _, ids in batch))
+        tokens = sum(len(ids) for _, ids in batch)
         try:
-            logits = self.forward(rows)
+            with self._threads.forward(tokens) if self._threads is not None else contextlib.nullcontext():
+                logits = self.forward(rows)
         except Exception as err:
             for request, _ in batch:
                 self._finish(request, "error", GenerationError(f"generation failed: {err}", request.usage))

@@ -19,28 +19,24 @@ def in_a_thread(run):
 
 
 def test_one_token_forwards_use_the_faster_count_and_the_rest_the_default(tiny_loaded):
-    default = torch.get_num_threads()
+    default = max(2, torch.get_num_threads())
 
     def run():
-        choice = cpu_threads.choose(tiny_loaded.model, torch.device("cpu"))
-        if choice is None:
-            return None
+        choice = cpu_threads.choose(tiny_loaded.model, torch.device("cpu"), default)
         seen = []
         for tokens in (1, 2, 300, 1):
-            choice.use(tokens)
-            seen.append(torch.get_num_threads())
+            with choice.forward(tokens):
+                seen.append(torch.get_num_threads())
+            seen.append(torch.get_num_threads())  # put back at once: threads started later begin with it
         return choice, seen
 
-    result = in_a_thread(run)
-    if default < 2:
-        assert result is None  # one thread: nothing to choose
-        return
-    choice, seen = result
+    choice, seen = in_a_thread(run)
     assert set(choice.timings_ms) == {1, default} and all(ms > 0 for ms in choice.timings_ms.values())
     assert choice.small_forward_threads == min(choice.timings_ms, key=choice.timings_ms.__getitem__)
     small = choice.small_forward_threads
-    assert seen == [small, default, default, small]
-    assert torch.get_num_threads() == default  # the calling test's thread is untouched
+    assert seen == [small, default, default, default, default, default, small, default]
+    assert in_a_thread(torch.get_num_threads) == torch.get_num_threads()  # a new thread starts as before
+    assert cpu_threads.choose(tiny_loaded.model, torch.device("cpu"), 1) is None  # one thread: nothing to choose
 
 
 def test_one_token_gives_the_same_logits_on_one_thread_and_on_all(bundled_loaded):

@@ -152,8 +152,8 @@ class Scheduler:
         self._wake = threading.Condition()
         self._tasks: list[tuple[Callable[[], Any], Future[Any]]] = []
         self._closing = False
-        self._default_threads = torch.get_num_threads()  # the building thread's count: the loop's default
-        self._threads: cpu_threads.CpuThreads | None = None  # chosen by the loop's thread, before it serves
+        # the building thread's count is the loop's default; one-token forwards may run on fewer
+        self._threads = cpu_threads.CpuThreads.for_device(forward.device, torch.get_num_threads())
         self._thread = threading.Thread(target=self._loop, name="kvchat-scheduler", daemon=True)
         self._thread.start()
 
@@ -193,7 +193,6 @@ class Scheduler:
         return done.result()
 
     def _loop(self) -> None:
-        self._threads = cpu_threads.choose(self.forward.model, self.forward.device, self._default_threads)
         while True:
             with self._wake:
                 while not self._waiting and not self._running and not self._tasks and not self._closing:

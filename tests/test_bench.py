@@ -190,3 +190,26 @@ def test_the_meters_own_time_is_taken_out_of_kvchats_timings(bench, monkeypatch)
     assert row.ttft_ms == pytest.approx(turn.ttft_ms - row.meter_ms_ttft)
     raw_decode_s = 5 / turn.decode_tokens_per_s
     assert row.decode_tokens_per_s == pytest.approx(5 / (raw_decode_s - row.meter_ms_decode / 1000))
+
+
+def test_quantize_bench_oracle_and_keys(tiny_loaded):
+    """The reuse oracle feeds the preset first then the rest through a stock cache, and agrees with
+    the prompt fed at once on float32; the keys are ratios to llama.cpp's stream from the same run."""
+    from kvchat.bench import quantize as bench_quantize
+    from kvchat.bench.crowd import asks
+
+    with torch.inference_mode():
+        oracle = bench_quantize.reuse_oracle(tiny_loaded, asks(2), 8)
+    assert oracle == {"reuse_exact": 1.0, "reuse_differences": []}
+    model = {"batch_max_abs": 0.0, "chunks_max_abs": 2e-5, "reuse_exact": 1.0}
+    results = {"llama_cpp": {"single_stream_tokens_per_s": 50.0},
+               "model": {"float32": model, "fp16": {**model, "greedy_agreement_fp32": 1.0, "ppl_ratio": 1.0},
+                         "int8": {**model, "chunks_max_abs": 8.9, "reuse_exact": 0.75,
+                                  "greedy_agreement_fp32": 0.78, "ppl_ratio": 1.1}},
+               "engine": {"float32": {"single_stream_tokens_per_s": 10.0, "together_tokens_per_s": 30.0},
+                          "fp16": {"single_stream_tokens_per_s": 15.0, "together_tokens_per_s": 35.0},
+                          "int8": {"served": False, "refused": "..."}}}  # fmt: skip
+    keys = bench_quantize.keys(results)
+    assert keys["decode_fp16_over_llama_cpp"] == 0.3 and keys["throughput_8_visitors_float32_over_llama_cpp"] == 0.6
+    assert keys["decode_int8_over_llama_cpp"] is None and keys["int8_batch_invariance_max_abs"] == 8.9
+    assert keys["int8_reuse_exact"] == 0.75 and keys["int8_ppl_ratio"] == 1.1

@@ -1,4 +1,4 @@
-"""`--quantize`, measured side by side in one run: python -m kvchat.bench.quantize [--out DIR]
+"""`--quantize`, measured side by side in one run: python -m kvchat.bench.quantize [--out DIR] [--modes ...]
 
 Modes: float32 (today), bfloat16 (`--dtype`), fp16 and int8 linears (`--quantize`), on the bundled model.
 
@@ -168,7 +168,7 @@ def keys(results: dict[str, Any]) -> dict[str, Any]:
     """The issue's keys (int8) and the same for fp16, from this run's figures."""
     llama = results["llama_cpp"].get("single_stream_tokens_per_s")
     out: dict[str, Any] = {}
-    for mode in ("int8", "fp16", "float32", "bfloat16"):
+    for mode in results["model"]:
         served, model = results["engine"][mode], results["model"][mode]
         ratio = lambda x: round(x / llama, 3) if x and llama else None  # noqa: E731
         out[f"decode_{mode}_over_llama_cpp"] = ratio(served.get("single_stream_tokens_per_s"))
@@ -181,18 +181,18 @@ def keys(results: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def run(visitors: int, new_tokens: int) -> dict[str, Any]:
+def run(visitors: int, new_tokens: int, modes: list[str]) -> dict[str, Any]:
     loaded = models.load(None, device="cpu", dtype="float32")
     ids = loaded.tokenizer(QUALITY_TEXT.read_text(), return_tensors="pt").input_ids[:, :QUALITY_TOKENS]
     conversations = asks(visitors)
     results: dict[str, Any] = {"model": {}, "engine": {}, "visitors": visitors, "new_tokens": new_tokens,
                                "threads": torch.get_num_threads()}  # fmt: skip
     reference = None
-    for mode in MODES:
+    for mode in ["float32", *(m for m in modes if m != "float32")]:  # float32 first: the reference
         results["model"][mode], whole = model_level(mode, ids, reference, conversations, new_tokens)
         reference = whole if reference is None else reference
         print(mode, "model level:", json.dumps(results["model"][mode]), flush=True)
-    for mode in MODES:
+    for mode in results["model"]:
         results["engine"][mode] = engine_level(mode, visitors, new_tokens, conversations[0])
         print(mode, "engine:", json.dumps(results["engine"][mode]), flush=True)
     results["llama_cpp"] = llama_cpp(conversations[0], new_tokens)
@@ -206,8 +206,12 @@ def main() -> None:
     parser.add_argument("--visitors", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=VISITOR_NEW_TOKENS)
     parser.add_argument("--out", default="bench-results")
+    parser.add_argument("--modes", default=",".join(MODES), help="float32 always runs (the reference)")
     args = parser.parse_args()
-    results = run(args.visitors, args.new_tokens)
+    modes = args.modes.split(",")
+    if set(modes) - set(MODES):
+        parser.error(f"unknown modes {sorted(set(modes) - set(MODES))}; choose from {', '.join(MODES)}")
+    results = run(args.visitors, args.new_tokens, modes)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "quantize.json").write_text(json.dumps(results, indent=2))

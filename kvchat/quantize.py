@@ -59,32 +59,46 @@ class QuantizeReport:
                 f"({self.layers} {self.mode} linears on fbgemm, quantised in {self.seconds:.1f} s)")  # fmt: skip
 
 
-class Fp16Linear(nn.Module):
-    """y = x @ W.T + b with W held as float16 in fbgemm's packed layout; x and y float32 [..., K] -> [..., N]."""
+class _PackedLinear(nn.Module):
+    """y = x @ W.T + b over a weight packed for fbgemm; x and y float32 [..., K] -> [..., N].
+    Subclasses pack the weight (`weight_nbytes`: its bytes) and multiply rows [M, K] -> [M, N]."""
+
+    weight_nbytes: int
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
-        weight16 = linear.weight.detach().to(torch.float16)
-        self.weight_nbytes = weight16.nbytes
         self.out_features = linear.out_features
-        self.packed = torch.ops.quantized.linear_prepack_fp16(weight16.float(), None)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.quantized.linear_dynamic_fp16(x.reshape(-1, x.shape[-1]), self.packed)
-        y = y.reshape(*x.shape[:-1], self.out_features)
+        y = self._matmul(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
+    def _matmul(self, rows: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
-class Int8Linear(nn.Module):
-    """y = x @ W.T + b with W int8 per output channel and each row of x rounded to int8 with its
-    own scale (see the module docstring for the sentinel row). x and y float32 [..., K] -> [..., N]."""
+
+class Fp16Linear(_PackedLinear):
+    """W held as float16 in fbgemm's packed layout; float32 activations and sums."""
 
     def __init__(self, linear: nn.Linear) -> None:
-        super().__init__()
+        super().__init__(linear)
+        weight16 = linear.weight.detach().to(torch.float16)
+        self.weight_nbytes = weight16.nbytes
+        self.packed = torch.ops.quantized.linear_prepack_fp16(weight16.float(), None)
+
+    def _matmul(self, rows: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized.linear_dynamic_fp16(rows, self.packed)
+
+
+class Int8Linear(_PackedLinear):
+    """W int8 per output channel, each row of x rounded to integers with its own scale (see the
+    module docstring for the sentinel row)."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__(linear)
         weight = linear.weight.detach().float()
         scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
-        self.out_features = linear.out_features
         with warnings.catch_warnings():  # quantized tensors are deprecated in torch; torch==2.13 is pinned
             warnings.simplefilter("ignore", UserWarning)
             zero_points = torch.zeros(len(scales), dtype=torch.long)
@@ -93,14 +107,11 @@ class Int8Linear(nn.Module):
             self.packed = torch.ops.quantized.linear_prepack(quantized, None)
         self.sentinel = torch.zeros(1, linear.in_features)
         self.sentinel[0, :2] = torch.tensor([1.0, -1.0])
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1])
+    def _matmul(self, rows: torch.Tensor) -> torch.Tensor:
         absmax = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-12)
         y = torch.ops.quantized.linear_dynamic(torch.cat([rows / absmax, self.sentinel]), self.packed, True)
-        y = (y[:-1] * absmax).reshape(*x.shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias
+        return y[:-1] * absmax
 
 
 _LAYERS = {"fp16": Fp16Linear, "int8": Int8Linear}
@@ -125,7 +136,7 @@ def weight_nbytes(model: nn.Module) -> int:
     """Bytes of every parameter and buffer (each tensor once, however often it is tied) plus the
     quantised layers' weights."""
     tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}
-    packed = sum(m.weight_nbytes for m in model.modules() if isinstance(m, (Fp16Linear, Int8Linear)))
+    packed = sum(m.weight_nbytes for m in model.modules() if isinstance(m, _PackedLinear))
     return sum(t.nbytes for t in tensors.values()) + packed
 
 

@@ -84,3 +84,32 @@ def greedy_baseline(loaded: models.LoadedModel, engine: Engine, messages, max_ne
 
     assert engine.loaded is loaded, "the baseline runs the engine's own model"
     return Recompute(engine).reply("baseline", messages, max_new_tokens).text
+
+
+def saved_family(family: str, tokenizer, directory: Path) -> Path:
+    """A tiny random model of `family` (bench/families.py), saved with the tokenizer as a user's model directory."""
+    from kvchat.bench.families import FAMILIES, tiny_family
+
+    tiny_family(family, tokenizer, FAMILIES[family][0]).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def assert_turns_match_generate(engine: Engine, system: dict, questions: tuple[str, str, str], new_tokens: int):
+    """Turn 1, a follow-up in the same session (read from its cached turns) and a second session
+    (reading the shared system prompt) each equal plain `generate`. Returns the follow-up's and
+    the second session's replies."""
+    loaded = engine.loaded
+    first = [system, {"role": "user", "content": questions[0]}]
+    reply = engine.chat("alice", first, max_new_tokens=new_tokens)
+    assert reply.text == greedy_baseline(loaded, engine, first, new_tokens), "turn 1"
+    follow_up = first + [{"role": "assistant", "content": reply.text}, {"role": "user", "content": questions[1]}]
+    again = engine.chat("alice", follow_up, max_new_tokens=new_tokens)
+    assert again.text == greedy_baseline(loaded, engine, follow_up, new_tokens), "follow-up"
+    assert again.usage.cache_source == "session"
+    assert again.usage.cached_tokens >= len(engine.encode(first).token_ids)  # turn 1 is not prefilled again
+    other = [system, {"role": "user", "content": questions[2]}]
+    second = engine.chat("bob", other, max_new_tokens=new_tokens)
+    assert second.text == greedy_baseline(loaded, engine, other, new_tokens), "second session"
+    assert second.usage.cache_source == "prefix"
+    return again, second

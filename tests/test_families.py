@@ -9,7 +9,7 @@ import concurrent.futures
 import pytest
 import torch
 
-from conftest import greedy_baseline
+from conftest import assert_turns_match_generate, greedy_baseline, saved_family
 from kvchat import Engine, InputError, models, probe
 from kvchat.attention import SegmentedForward
 from kvchat.bench.families import FAMILIES, tiny_family
@@ -24,26 +24,12 @@ def user(text: str) -> dict:
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_each_family_is_served_exactly_on_its_verified_path(family, tokenizer, tmp_path):
-    extra, path = FAMILIES[family]
-    model = tiny_family(family, tokenizer, extra)
-    model.save_pretrained(tmp_path)
-    tokenizer.save_pretrained(tmp_path)
-    engine = Engine.load(str(tmp_path), device="cpu", dtype="float32", usage_db=None)
+    engine = Engine.load(str(saved_family(family, tokenizer, tmp_path)), device="cpu", dtype="float32", usage_db=None)
     loaded = engine.loaded
     try:
-        assert engine.attention.path == path, engine.attention.summary()
-        first = [SYSTEM, user("What is a comet?")]
-        reply = engine.chat("alice", first, max_new_tokens=NEW)
-        assert reply.text == greedy_baseline(loaded, engine, first, NEW), "turn 1"
-        follow_up = first + [{"role": "assistant", "content": reply.text}, user("And a meteor?")]
-        again = engine.chat("alice", follow_up, max_new_tokens=NEW)
-        assert again.text == greedy_baseline(loaded, engine, follow_up, NEW), "follow-up"
-        assert again.usage.cache_source == "session"
-        assert again.usage.cached_tokens >= len(engine.encode(first).token_ids)  # turn 1 is not prefilled again
-        other = [SYSTEM, user("Tell me about Mars.")]
-        second = engine.chat("bob", other, max_new_tokens=NEW)
-        assert second.text == greedy_baseline(loaded, engine, other, NEW), "second session"
-        assert second.usage.cache_source == "prefix" and second.usage.cached_tokens >= 300
+        assert engine.attention.path == FAMILIES[family][1], engine.attention.summary()
+        _, second = assert_turns_match_generate(engine, SYSTEM, ("What is a comet?", "And a meteor?", "Tell me about Mars."), NEW)
+        assert second.usage.cached_tokens >= 300
         crowd = [[SYSTEM, user(f"Question {i}: which planet has the most moons?")] for i in range(4)]
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
             replies = list(pool.map(lambda i: engine.chat(f"s{i}", crowd[i], max_new_tokens=NEW), range(4)))

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import greedy_baseline, models_home
+from conftest import assert_turns_match_generate, greedy_baseline, models_home, saved_family
 from kvchat import Engine, InputError, models, probe
 from kvchat.bench.families import FAMILIES, tiny_family
 from kvchat.quantize import Fp16Linear, Int8Linear, quantize
@@ -71,27 +71,15 @@ def test_fp16_linears_are_served_exactly(family, tokenizer, tmp_path):
     """Turn 1, a follow-up on the session's cached turns, and a second session on the shared system
     prompt each equal plain `generate` on the same fp16-quantised model (gpt2's Conv1D layers too;
     mistral's window takes the compatible path)."""
-    extra, path = FAMILIES[family]
-    model = tiny_family(family, tokenizer, extra)
-    model.save_pretrained(tmp_path)
-    tokenizer.save_pretrained(tmp_path)
-    engine = Engine.load(str(tmp_path), device="cpu", dtype="float32", quantize="fp16", usage_db=None)
+    engine = Engine.load(str(saved_family(family, tokenizer, tmp_path)), device="cpu", dtype="float32",
+                         quantize="fp16", usage_db=None)  # fmt: skip
     loaded = engine.loaded
     try:
         assert loaded.quantization is not None and loaded.quantization.layers >= 5
         assert not any(isinstance(m, nn.Linear) for m in loaded.model.modules())
-        assert engine.attention.path == path, engine.attention.summary()
-        first = [SYSTEM, user("What did the keeper write each evening?")]
-        reply = engine.chat("alice", first, max_new_tokens=NEW)
-        assert reply.text == greedy_baseline(loaded, engine, first, NEW), "turn 1"
-        follow_up = first + [{"role": "assistant", "content": reply.text}, user("And in winter?")]
-        again = engine.chat("alice", follow_up, max_new_tokens=NEW)
-        assert again.text == greedy_baseline(loaded, engine, follow_up, NEW), "follow-up"
-        assert again.usage.cached_tokens >= len(engine.encode(first).token_ids)
-        other = [SYSTEM, user("How often did the lenses turn?")]
-        second = engine.chat("bob", other, max_new_tokens=NEW)
-        assert second.text == greedy_baseline(loaded, engine, other, NEW), "second session"
-        assert second.usage.cache_source == "prefix"
+        assert engine.attention.path == FAMILIES[family][1], engine.attention.summary()
+        questions = ("What did the keeper write each evening?", "And in winter?", "How often did the lenses turn?")
+        assert_turns_match_generate(engine, SYSTEM, questions, NEW)
     finally:
         engine.close()
 

@@ -14,10 +14,10 @@ from kvchat.errors import Busy, GenerationError, InputError
 if TYPE_CHECKING:
     from kvchat.engine import CacheStats, Engine
     from kvchat.generation import Generation
-    from kvchat.usage import Reply, Usage
+    from kvchat.records import Reply, Usage
 
 _LAZY = {"CacheStats": "kvchat.engine", "Engine": "kvchat.engine", "Generation": "kvchat.generation",
-         "Reply": "kvchat.usage", "Usage": "kvchat.usage"}  # fmt: skip
+         "Reply": "kvchat.records", "Usage": "kvchat.records"}  # fmt: skip
 
 __all__ = ["Busy", "CacheStats", "Engine", "Generation", "GenerationError", "InputError", "Reply", "Usage"]
 

@@ -19,8 +19,7 @@ from kvchat.config import format_bytes
 if TYPE_CHECKING:
     import plotly.graph_objects as go
 
-    from kvchat.engine import CacheStats
-    from kvchat.kv_tree import NodeInfo
+    from kvchat.records import CacheStats, NodeInfo
 
 ROOT = "budget"
 COLOURS = {

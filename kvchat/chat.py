@@ -150,38 +150,3 @@ class ChatTemplate:
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
-
-
-class TextStream:
-    """Turns generated ids into text pieces with constant work per token.
-
-    Decoding the whole reply at every token is quadratic in its length. Instead only a small
-    window is decoded: the ids since the last emitted boundary (`_start`), compared with the same
-    window without the newest ids. Starting a window a few ids back keeps tokenizers that join
-    pieces with spaces or merge bytes correct; an incomplete UTF-8 character (U+FFFD at the end)
-    is held back until its last byte arrives.
-    """
-
-    def __init__(self, template: ChatTemplate) -> None:
-        self._template = template
-        self.token_ids: list[int] = []
-        self._start = 0  # the window's first id: it reaches back one emitted piece
-        self._emitted = 0  # ids whose text is already out
-
-    def push(self, token_id: int) -> str:
-        """Add one token; returns the new text it completes (may be empty)."""
-        self.token_ids.append(token_id)
-        return self._advance(final=False)
-
-    def flush(self) -> str:
-        """Whatever is still held back (an incomplete character comes out as U+FFFD)."""
-        return self._advance(final=True)
-
-    def _advance(self, final: bool) -> str:
-        window = self.token_ids[self._start :]
-        before = self._template.decode(self.token_ids[self._start : self._emitted])
-        text = self._template.decode(window)
-        if len(text) <= len(before) or (text.endswith("\ufffd") and not final):
-            return ""
-        self._start, self._emitted = self._emitted, len(self.token_ids)
-        return text[len(before) :]

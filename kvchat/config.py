@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvchat.errors import InputError
-from kvchat.eviction import POLICIES
+from kvchat.kv.eviction import POLICIES
 
 _UNITS = {
     "": 1, "b": 1,
@@ -36,6 +36,14 @@ def parse_bytes(text: str | int) -> int:
     if match is None or unit not in _UNITS:
         raise InputError(f"cannot read {text!r} as a size: write e.g. 512MiB, 2GiB, 800MB or 1000000")
     return int(float(match.group(1)) * _UNITS[unit])
+
+
+def parse_budget(value: str | int | None) -> int | None:
+    """A memory budget as the CLI and `Engine.load` take it: bytes, a size ("512MiB"), or "auto"
+    (None: sized from free memory once the model is loaded)."""
+    if value is None or str(value).strip().lower() == "auto":
+        return None
+    return parse_bytes(value)
 
 
 def format_bytes(nbytes: int) -> str:
@@ -88,6 +96,23 @@ def default_home() -> Path:
 
 
 @dataclass(frozen=True, slots=True)
+class EngineOptions:
+    """How an engine serves, beside its model, its budget and its usage log: each option defined
+    once, here (`Engine(loaded, budget, options=...)`; the CLI's `Config.engine_options` fills it)."""
+
+    prefix_salt: str = ""  # scopes shared prefixes; requests with other salts never share
+    max_batch: int = 16  # requests decoded together in one forward
+    prefill_chunk_tokens: int = 256  # prompt tokens per step while others decode
+    max_waiting: int | None = None  # beyond this many waiting requests: Busy (None: unbounded)
+    eviction: str = "lru"  # a policy of kv/eviction.py
+    disk_dir: str | Path | None = None  # None: no disk tier
+    disk_budget_bytes: int = 2 * 2**30  # 0: no disk tier
+    persist_sessions: bool = False  # conversations' own turns go to disk too (off: system prompts only)
+    session_ttl_s: float | None = None  # drop conversations' turns idle this long (None: never)
+    attention: str = "auto"  # auto | cascade | compatible (probe.py)
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     model: str | None = None  # None = the bundled SmolLM2-135M-Instruct GGUF
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -112,6 +137,13 @@ class Config:
     persist_sessions: bool = False  # conversations' own turns go to disk too (off: system prompts only)
     session_ttl_s: float | None = None  # drop conversations' turns idle this long (None = never)
     preset_files: tuple[Path, ...] = ()
+
+    def engine_options(self) -> EngineOptions:
+        return EngineOptions(
+            prefix_salt=self.prefix_salt, max_batch=self.max_batch, max_waiting=self.max_queue,
+            eviction=self.eviction, disk_dir=self.disk_path, disk_budget_bytes=self.disk_budget_bytes,
+            persist_sessions=self.persist_sessions, session_ttl_s=self.session_ttl_s, attention=self.attention,
+        )  # fmt: skip
 
     @property
     def exposed(self) -> bool:
@@ -227,14 +259,13 @@ def config_from_args(argv: Sequence[str] | None = None, environ: Mapping[str, st
     check_device_name(args.device)
     if args.model:
         check_source(args.model)
-    auto = str(args.cache_budget).strip().lower() == "auto"
     return Config(
         model=args.model or None,
         device=args.device,
         dtype=args.dtype,
         attention=args.attention,
         quantize=args.quantize,
-        cache_budget_bytes=None if auto else parse_bytes(args.cache_budget),
+        cache_budget_bytes=parse_budget(args.cache_budget),
         usage_db=usage_db,
         store_text=args.store_text,
         prefix_salt=args.prefix_salt,

@@ -12,7 +12,7 @@ import queue
 import threading
 from collections.abc import AsyncIterator, Iterator
 
-from kvchat.usage import Usage
+from kvchat.records import Usage
 
 _END = object()
 

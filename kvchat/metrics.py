@@ -20,7 +20,7 @@ from starlette.responses import Response
 if TYPE_CHECKING:
     from kvchat.engine import Engine
     from kvchat.startup import BackgroundEngine
-    from kvchat.usage import Usage
+    from kvchat.records import Usage
 
 # vLLM's buckets, so the same dashboard panels read well
 TTFT_BUCKETS_S = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,

@@ -16,11 +16,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import torch
 import xxhash
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from kvchat.config import check_source
+from kvchat.config import check_source, format_bytes
 from kvchat.errors import InputError
 from kvchat.quantize import QuantizeReport, check_mode, quantize
 
@@ -42,6 +43,17 @@ class LoadedModel:
     dtype: torch.dtype
     load_s: float
     quantization: QuantizeReport | None = None  # --quantize: what was replaced, the bytes before and after
+
+    @property
+    def eos_ids(self) -> frozenset[int]:
+        """Token ids that end a reply: the generation config's and the tokenizer's."""
+        ids: set[int] = set()
+        for source in (self.model.generation_config.eos_token_id, self.tokenizer.eos_token_id):
+            if isinstance(source, int):
+                ids.add(source)
+            elif source:
+                ids.update(int(i) for i in source)
+        return frozenset(ids)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -172,3 +184,14 @@ def weights_identity(directory: Path) -> str:
         digest.update(path.name.encode() + b"\x00")
         digest.update(file_hash(path).encode())
     return f"weights:{digest.hexdigest()}"
+
+
+def auto_budget_bytes(device: torch.device) -> tuple[int, str]:
+    """A memory-tier budget from what is free now, the model already loaded: on CUDA 70% of free
+    device memory, on CPU half the available RAM (the rest is left for activations, the batch's
+    buffers transients and everything else on the machine)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.7), f"70% of {format_bytes(free)} free on {device}"
+    available = psutil.virtual_memory().available
+    return int(available * 0.5), f"half of {format_bytes(available)} available RAM"

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from kvchat.engine import Engine
     from kvchat.generation import Generation
     from kvchat.startup import BackgroundEngine
-    from kvchat.usage import Usage
+    from kvchat.records import Usage
 
 log = logging.getLogger(__name__)
 

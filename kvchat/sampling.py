@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from kvchat.errors import InputError
+from kvchat.stop_strings import as_stops
 
 
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed takes
@@ -35,6 +37,13 @@ class SamplingParams:
                                       or not SEED_MIN <= self.seed <= SEED_MAX):  # fmt: skip
             raise InputError(f"seed must be a whole number from {SEED_MIN} to {SEED_MAX}", "seed")
 
+    @classmethod
+    def parse(cls, max_new_tokens: Any, temperature: Any, top_p: Any, seed: Any, stop: Any) -> SamplingParams:
+        """The settings as callers send them (a UI slider sends 256.0; `stop` as OpenAI takes it);
+        InputError naming the field when one is not a number. Ranges are `validate`'s."""
+        return cls(_whole(max_new_tokens, "max new tokens", "max_new_tokens"), _number(temperature, "temperature"),
+                   _number(top_p, "top-p", "top_p"), seed, as_stops(stop))  # fmt: skip
+
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
@@ -56,3 +65,18 @@ def next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Ge
         choice = torch.multinomial(sorted_probs, 1, generator=generator)
         return int(order[choice])
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _number(value: Any, name: str, field: str | None = None) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError, OverflowError) as err:
+        raise InputError(f"{name} must be a number, not {value!r}", field or name) from err
+
+
+def _whole(value: Any, name: str, field: str) -> int:
+    """Whole numbers, also as floats (a UI slider sends 256.0)."""
+    number = _number(value, name, field)
+    if not number.is_integer():
+        raise InputError(f"{name} must be a whole number, not {value!r}", field)
+    return int(number)

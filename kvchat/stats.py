@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from kvchat.config import format_bytes
-from kvchat.usage import CacheSource, Usage
+from kvchat.records import CacheSource, Usage
 
 if TYPE_CHECKING:
-    from kvchat.engine import CachedTokens, CacheStats, Warmup
+    from kvchat.records import CachedTokens, CacheStats, Warmup
     from kvchat.usage_log import UsageSummary
 
 SOURCE_WORDS: dict[CacheSource, str] = {

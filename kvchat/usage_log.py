@@ -19,8 +19,8 @@ from pathlib import Path
 
 import sqlite_utils
 
-from kvchat.kv_tree import Eviction
-from kvchat.usage import Usage
+from kvchat.records import Eviction
+from kvchat.records import Usage
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, no install
-from kvchat import attention, kv_storage, models  # noqa: E402
+from kvchat import models
+from kvchat.kv import attention
+from kvchat.kv.runs import RowBuffer  # noqa: E402
 from kvchat.chat import ChatTemplate  # noqa: E402
 from kvchat.presets import load_presets  # noqa: E402
 
@@ -46,7 +48,7 @@ def main() -> None:
                 {"role": "user", "content": "?"}]  # fmt: skip
     prompt = ChatTemplate(loaded.tokenizer).encode(messages)
     prefix, tail = prompt.token_ids[: prompt.prefix_len], list(range(500, 550))
-    new = lambda tokens: kv_storage.RowBuffer(model, tokens, device, dtype)  # noqa: E731
+    new = lambda tokens: RowBuffer(attention.kv_layout(model), tokens, device, dtype)  # noqa: E731
     with torch.inference_mode():
         buffer = new(len(prefix))
         forward([attention.Row([], buffer, prefix)])

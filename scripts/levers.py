@@ -19,7 +19,8 @@ import torch
 from transformers import DynamicCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, no install
-from kvchat import kv_storage, models  # noqa: E402
+from kvchat import models
+from kvchat.bench import hf_cache  # noqa: E402
 
 REPEATS = 5
 
@@ -68,17 +69,17 @@ def main() -> None:
                      "all logits", median_ms(cold_prefill(model, short, 0), 3)))  # fmt: skip
         for force in ("1", "0"):
             os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] = force
-            cache = kv_storage.new_cache(model, 2_100)
+            cache = hf_cache.new_cache(model, 2_100)
             model(input_ids=ids[:, :2_000], cache=cache, logits_to_keep=1)
             rows.append((f"30-token follow-up at 2,000 (native GQA={force})", "buffers",
                          median_ms(follow_up(model, cache, ids, 2_000)), "", None))  # fmt: skip
         os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] = "1"
         prompt = ids[:, :2_000]
-        buffers = median_ms(decode(model, lambda: kv_storage.new_cache(model, 2_100), prompt, 32), 2)
+        buffers = median_ms(decode(model, lambda: hf_cache.new_cache(model, 2_100), prompt, 32), 2)
         growing = median_ms(decode(model, lambda: DynamicCache(config=model.config), prompt, 32), 2)
         rows.append(("prefill 2,000 + 32 decode steps", "preallocated buffers", buffers, "torch.cat cache", growing))
     with torch.no_grad():
-        cache = kv_storage.new_cache(model, 2_100)
+        cache = hf_cache.new_cache(model, 2_100)
         model(input_ids=ids[:, :2_000], cache=cache, logits_to_keep=1)
         no_grad = median_ms(follow_up(model, cache, ids, 2_000))
     rows.append(("30-token follow-up at 2,000", "inference_mode", rows[1][2], "no_grad", no_grad))

@@ -6,7 +6,9 @@ import threading
 import pytest
 
 from conftest import greedy_baseline
-from kvchat import Engine, kv_storage
+from kvchat import Engine
+from kvchat.kv.attention import kv_layout
+from kvchat.kv.runs import bytes_per_token
 from kvchat.bench.meter import reachable_tensor_bytes
 from kvchat.chat import ChatTemplate
 
@@ -50,8 +52,8 @@ def test_batched_greedy_replies_equal_the_same_requests_served_alone(tiny_loaded
 def test_the_budget_holds_at_every_forward_while_16_requests_run(tiny_loaded):
     conversations = questions(16)
     per_request = max(len(ChatTemplate(tiny_loaded.tokenizer).encode(m).token_ids) for m in conversations) + NEW
-    bytes_per_token = kv_storage.bytes_per_token(tiny_loaded.model, tiny_loaded.device, tiny_loaded.dtype)
-    budget = 4 * per_request * bytes_per_token  # room for about four at once: the rest must wait
+    per_token = bytes_per_token(kv_layout(tiny_loaded.model), tiny_loaded.device, tiny_loaded.dtype)
+    budget = 4 * per_request * per_token  # room for about four at once: the rest must wait
     engine = Engine(tiny_loaded, cache_budget_bytes=budget)
     samples = []
 

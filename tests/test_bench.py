@@ -6,7 +6,9 @@ import time
 import pytest
 import torch
 
-from kvchat import Engine, kv_storage
+from kvchat import Engine
+from kvchat.kv.attention import kv_layout
+from kvchat.kv.runs import bytes_per_token
 from kvchat.bench import Plan, report, run, systems, workloads
 from kvchat.bench import __main__ as bench_main
 from kvchat.bench.meter import ModelMeter
@@ -105,7 +107,7 @@ def test_meter_counts_reuse_at_the_model_and_flags_a_false_claim(bench):
 def test_meter_samples_running_requests_and_catches_bytes_the_ledger_misses(tiny_loaded, bench):
     """The meter counts every tensor reachable from the engine at every forward, so running
     buffers are in its samples, and so is a stray tensor no ledger knows about."""
-    per_token = kv_storage.bytes_per_token(tiny_loaded.model, tiny_loaded.device, tiny_loaded.dtype)
+    per_token = bytes_per_token(kv_layout(tiny_loaded.model), tiny_loaded.device, tiny_loaded.dtype)
     messages = [SYSTEM, user("Tell me about comets.")]
     budget = per_token * (len(bench.prompt_ids(messages)) + 4)  # this request alone fills it
     small = systems.Kvchat(Engine(tiny_loaded, cache_budget_bytes=budget), "small")

@@ -1,6 +1,7 @@
 import pytest
 
-from kvchat.chat import ChatTemplate, TextStream, normalise
+from kvchat.chat import ChatTemplate, normalise
+from kvchat.output import TextStream
 from kvchat.errors import InputError
 
 

@@ -12,7 +12,7 @@ from kvchat import stats as panel
 from kvchat.chat_history import kept_history, model_messages, text_message
 from kvchat.generation import Generation
 from kvchat.tab_replies import TabReplies
-from kvchat.usage import Usage
+from kvchat.records import Usage
 
 SYSTEM = "You are terse."
 

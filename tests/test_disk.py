@@ -14,7 +14,7 @@ import pytest
 from kvchat.bench.workloads import filler_history
 from kvchat.engine import Engine
 from kvchat.errors import InputError
-from kvchat.kv_disk import DiskStore
+from kvchat.kv.disk.store import DiskStore
 from kvchat.models import weights_identity
 
 SYSTEM = "You are the support assistant of Acme Cloud. Answer briefly and politely. " * 12

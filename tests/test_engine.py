@@ -7,7 +7,8 @@ import pytest
 
 from conftest import greedy_baseline
 from kvchat import Engine, GenerationError, InputError
-from kvchat import kv_storage
+from kvchat.kv.attention import kv_layout
+from kvchat.kv.runs import bytes_per_token
 from kvchat.bench.meter import reachable_tensor_bytes
 from kvchat.chat import ChatTemplate
 from kvchat.usage_log import UsageLog
@@ -243,7 +244,7 @@ def test_every_request_is_logged_without_its_text(tiny_engine, usage_db):
 
 def _nbytes(loaded, num_tokens):
     """Bytes of `num_tokens` positions of KV, measured on a real buffer."""
-    return kv_storage.bytes_per_token(loaded.model, loaded.device, loaded.dtype) * num_tokens
+    return bytes_per_token(kv_layout(loaded.model), loaded.device, loaded.dtype) * num_tokens
 
 
 def test_store_text_logs_the_typed_text_of_browser_style_messages(tiny_loaded, usage_db):

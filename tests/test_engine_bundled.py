@@ -4,7 +4,9 @@ reply plain `model.generate` gives on the whole conversation, token for token.""
 import pytest
 
 from conftest import greedy_baseline
-from kvchat import Engine, kv_storage
+from kvchat import Engine
+from kvchat.kv.attention import kv_layout
+from kvchat.kv.runs import bytes_per_token
 from kvchat.chat import ChatTemplate
 from kvchat.presets import load_presets
 
@@ -56,7 +58,7 @@ def test_after_an_eviction_the_evicted_session_is_still_exact(bundled_loaded):
     first = [{"role": "user", "content": "Give me a fun fact about owls."}]
     follow = first + [{"role": "assistant", "content": "Owls can turn their heads far."},
                       {"role": "user", "content": "Another one, please."}]  # fmt: skip
-    per_token = kv_storage.bytes_per_token(bundled_loaded.model, bundled_loaded.device, bundled_loaded.dtype)
+    per_token = bytes_per_token(kv_layout(bundled_loaded.model), bundled_loaded.device, bundled_loaded.dtype)
     budget = per_token * (len(ChatTemplate(bundled_loaded.tokenizer).encode(follow).token_ids) + NEW)
     engine = Engine(bundled_loaded, cache_budget_bytes=budget, usage_log=None)  # the follow-up just fits alone
     engine.chat("alice", first, max_new_tokens=NEW)

@@ -11,7 +11,7 @@ import torch
 
 from conftest import assert_turns_match_generate, greedy_baseline, saved_family
 from kvchat import Engine, InputError, models, probe
-from kvchat.attention import SegmentedForward
+from kvchat.kv.attention import SegmentedForward
 from kvchat.bench.families import FAMILIES, tiny_family
 
 NEW = 16
@@ -92,7 +92,7 @@ def test_a_16_bit_model_is_also_verified_in_float32_where_its_rounding_could_hid
 
 
 def test_the_probe_refuses_when_no_path_reproduces_the_model(tiny_loaded, monkeypatch):
-    from kvchat.attention import NativeForward
+    from kvchat.kv.attention import NativeForward
 
     honest = NativeForward._forward
     monkeypatch.setattr(NativeForward, "_forward", lambda self, row: honest(self, row) * 1.01)

@@ -4,7 +4,8 @@ import random
 
 import pytest
 
-from kvchat.kv_tree import SHARED, STATELESS, KVTree, owner_of, owners_for
+from kvchat.kv.scope import SHARED, STATELESS, owner_of, owners_for
+from kvchat.kv.tree import KVTree
 
 
 def tree(budget=1_000, clock=None):
@@ -256,7 +257,7 @@ def test_idle_conversations_expire_but_system_prompts_and_pins_stay():
 
 
 def policy_tree(name, budget=100):
-    from kvchat.eviction import policy_named
+    from kvchat.kv.eviction import policy_named
 
     return KVTree(budget, clock=iter(range(1, 10**6)).__next__, policy=policy_named(name))
 

@@ -1,6 +1,6 @@
 from kvchat import budget_map
 from kvchat import stats as panel
-from kvchat.usage import Usage
+from kvchat.records import Usage
 
 
 def test_badge_names_the_source_and_the_numbers():

@@ -5,8 +5,8 @@ import time
 import pytest
 import sqlite_utils
 
-from kvchat.kv_tree import Eviction
-from kvchat.usage import Usage
+from kvchat.records import Eviction
+from kvchat.records import Usage
 from kvchat.usage_log import UsageLog, migrate
 
 
@@ -133,7 +133,7 @@ def test_read_only_database_warns_once_and_rows_resume_when_writable(tmp_path):
 FULL_DISK = """
 import resource, signal, sys
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead of killing us
-from kvchat.usage import Usage
+from kvchat.records import Usage
 from kvchat.usage_log import UsageLog
 log = UsageLog(sys.argv[1], store_text=True)
 row = Usage(ts=0.0, session="s", model="m", prompt_tokens=1, finish_reason="stop")

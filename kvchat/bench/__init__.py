@@ -15,11 +15,12 @@ from typing import Any
 
 import torch
 
-from kvchat import kv_storage
+from kvchat.kv.attention import kv_layout
+from kvchat.kv.runs import bytes_per_token
 from kvchat.bench import crowd, policies, report, startup, systems, tiers, workloads
 from kvchat.bench.meter import ModelMeter
 from kvchat.engine import Engine
-from kvchat.eviction import POLICIES
+from kvchat.kv.eviction import POLICIES
 from kvchat.models import LoadedModel
 
 PEERS = ("transformers-cb", "llama-cpp")
@@ -75,7 +76,7 @@ def peak_rss_mib() -> float:
 def pressure_budget(loaded: LoadedModel) -> int:
     """Room for one running short request and about two sessions' turns (200 positions of KV,
     measured on a real buffer): fewer than the workload's sessions, so the tree must evict."""
-    return 200 * kv_storage.bytes_per_token(loaded.model, loaded.device, loaded.dtype)
+    return 200 * bytes_per_token(kv_layout(loaded.model), loaded.device, loaded.dtype)
 
 
 def make_peers(engine: Engine, wanted: list[str], gguf: str | None) -> tuple[list[Any], dict[str, str]]:

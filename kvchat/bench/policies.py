@@ -20,7 +20,7 @@ from typing import Any
 from kvchat.bench.systems import Kvchat, Messages
 from kvchat.bench.workloads import QUESTIONS, Bench
 from kvchat.engine import Engine
-from kvchat.eviction import POLICIES
+from kvchat.kv.eviction import POLICIES
 from kvchat.presets import load_presets
 
 NEW_TOKENS = 6

@@ -21,7 +21,7 @@ import torch
 from transformers import DynamicCache, GenerationConfig
 from transformers.generation.streamers import BaseStreamer
 
-from kvchat import kv_storage
+from kvchat.bench import hf_cache
 from kvchat.bench.oracle import render_ids
 from kvchat.engine import Engine
 
@@ -113,7 +113,7 @@ class Floor:
     as the bound kvchat's TTFT is held to.
 
     Prepared beforehand, untimed: the KV of the tokens an ideal cache holds (the oracle's count) in
-    preallocated buffers written in place (kv_storage's BufferLayer, the cheapest we know here; a stock
+    preallocated buffers written in place (`hf_cache.BufferLayer`, the cheapest we know here; a stock
     `DynamicCache` copies the whole history at every forward). Timed, as kvchat's TTFT is: render
     and tokenise the conversation, one forward over the tokens left, the argmax. No queue, lookup or
     bookkeeping, so kvchat can only match it or lose to it, noise aside. Measured right after each
@@ -140,14 +140,14 @@ class Floor:
             out = self.model(input_ids=input_ids, cache=self._cache, use_cache=True, logits_to_keep=1)
             int(torch.argmax(out.logits[0, -1]))
             elapsed_ms = (time.perf_counter() - started) * 1000
-        kv_storage.truncate_to(self._cache, served_tokens)
+        hf_cache.truncate_to(self._cache, served_tokens)
         return elapsed_ms
 
     def _prepare(self, held: list[int], reserve_tokens: int) -> None:
         """KV of `held` in buffers with room for the whole prompt (built once per history)."""
-        if self._cache is not None and held == self._held and kv_storage.capacity_tokens(self._cache) >= reserve_tokens:
+        if self._cache is not None and held == self._held and hf_cache.capacity_tokens(self._cache) >= reserve_tokens:
             return
-        self._cache, self._held = kv_storage.new_cache(self.model, reserve_tokens), held
+        self._cache, self._held = hf_cache.new_cache(self.model, reserve_tokens), held
         if not held:
             return
         with torch.inference_mode():

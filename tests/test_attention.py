@@ -1,49 +1,11 @@
 import torch
 
-from kvchat import attention, kv_storage
-
-
-def fill(loaded, cache, num_tokens, start=5):
-    ids = torch.arange(start, start + num_tokens).unsqueeze(0)  # [1, n]
-    with torch.inference_mode():
-        return loaded.model(input_ids=ids, cache=cache, use_cache=True).logits
-
-
-def test_buffer_cache_gives_the_same_logits_as_dynamic_cache(tiny_loaded):
-    from transformers import DynamicCache
-
-    ours, theirs = kv_storage.new_cache(tiny_loaded.model), DynamicCache(config=tiny_loaded.model.config)
-    for start, n in [(5, 40), (60, 1), (61, 300)]:  # prefill, one decode step, then a regrow
-        assert torch.equal(fill(tiny_loaded, ours, n, start), fill(tiny_loaded, theirs, n, start))
-    assert kv_storage.num_tokens_of(ours) == 341
-
-
-def test_clone_is_independent_and_truncate_crops(tiny_loaded):
-    cache = kv_storage.new_cache(tiny_loaded.model)
-    fill(tiny_loaded, cache, 50)
-    copy = kv_storage.clone(tiny_loaded.model, cache, num_tokens=20, reserve_tokens=10)
-    assert kv_storage.num_tokens_of(copy) == 20
-    before = cache.layers[0].keys[:, :, 20:25].clone()
-    fill(tiny_loaded, copy, 5, start=900)  # writes positions 20..24 of the copy only
-    assert torch.equal(cache.layers[0].keys[:, :, 20:25], before)
-    kv_storage.truncate_to(cache, 10)
-    assert kv_storage.num_tokens_of(cache) == 10
-    exact = kv_storage.clone(tiny_loaded.model, cache)  # a shared prefix never grows: no spare room
-    assert exact.layers[0].capacity_tokens == 10
-
-
-def test_nbytes_counts_allocated_storage(tiny_loaded):
-    cache = kv_storage.new_cache(tiny_loaded.model, reserve_tokens=100)
-    assert kv_storage.kv_nbytes(cache) == 0
-    fill(tiny_loaded, cache, 10)
-    layer = cache.layers[0]
-    per_layer = 2 * layer._kbuf.numel() * layer._kbuf.element_size()
-    assert kv_storage.kv_nbytes(cache) == per_layer * len(cache.layers)
-    assert layer.capacity_tokens == kv_storage.GROWTH_TOKENS  # 100 reserved, rounded up
+from kvchat.kv import attention
+from kvchat.kv.runs import RowBuffer, bytes_per_token
 
 
 def _prefill(loaded, forward, ids, capacity=None):
-    buffer = kv_storage.RowBuffer(loaded.model, capacity or len(ids), loaded.device, loaded.dtype)
+    buffer = RowBuffer(attention.kv_layout(loaded.model), capacity or len(ids), loaded.device, loaded.dtype)
     forward([attention.Row([], buffer, list(ids))])
     return buffer
 
@@ -52,7 +14,7 @@ def test_rows_reading_a_shared_run_get_the_logits_of_a_plain_forward(tiny_loaded
     forward = attention.SegmentedForward(tiny_loaded.model, tiny_loaded.device)
     prefix, tails = list(range(100, 160)), [list(range(200, 200 + n)) for n in (1, 5, 17)]
     shared = _prefill(tiny_loaded, forward, prefix).take_run()
-    rows = [attention.Row([shared], kv_storage.RowBuffer(tiny_loaded.model, 40, tiny_loaded.device,
+    rows = [attention.Row([shared], RowBuffer(attention.kv_layout(tiny_loaded.model), 40, tiny_loaded.device,
                                                            tiny_loaded.dtype), tail) for tail in tails]  # fmt: skip
     with torch.inference_mode():
         logits = forward(rows)
@@ -75,9 +37,9 @@ def test_the_portable_kernel_equals_the_cpu_flash_kernel(tiny_loaded):
     portable.use_flash_cpu = False
     ids = list(range(300, 340))
     with torch.inference_mode():
-        a = flash([attention.Row([], kv_storage.RowBuffer(tiny_loaded.model, 40, tiny_loaded.device,
+        a = flash([attention.Row([], RowBuffer(attention.kv_layout(tiny_loaded.model), 40, tiny_loaded.device,
                                                              tiny_loaded.dtype), ids)])  # fmt: skip
-        b = portable([attention.Row([], kv_storage.RowBuffer(tiny_loaded.model, 40, tiny_loaded.device,
+        b = portable([attention.Row([], RowBuffer(attention.kv_layout(tiny_loaded.model), 40, tiny_loaded.device,
                                                                 tiny_loaded.dtype), ids)])  # fmt: skip
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
@@ -101,5 +63,5 @@ def test_take_run_leaves_an_exact_run_and_an_empty_buffer(tiny_loaded):
         buffer = _prefill(tiny_loaded, forward, list(range(30)), capacity=64)
     expected = buffer.keys[1][:, :30].clone()
     run = buffer.take_run(30)
-    assert run.nbytes == 30 * kv_storage.bytes_per_token(tiny_loaded.model, tiny_loaded.device, tiny_loaded.dtype)
+    assert run.nbytes == 30 * bytes_per_token(attention.kv_layout(tiny_loaded.model), tiny_loaded.device, tiny_loaded.dtype)
     assert buffer.nbytes == 0 and torch.equal(run.keys[1], expected)

@@ -15,12 +15,21 @@ function orders both tiers, memory and disk. Torch-free, like the tree that call
           fixed, but recompute time per token is not: a token deep in a conversation attends over
           everything before it, so keeping deep runs saves more time per byte than keeping
           shallow ones. None of the peers weigh this.
+
+The tree keeps GreedyDual's clock for every policy: after each eviction it rises to the victim's
+first priority, and a node used now is credited with it. Only `gdsf` reads the credit, so the other
+policies are unaffected, and no policy is a special case in the tree.
+
+`Victims` finds the lowest-ranked candidate in O(log n) instead of a walk of the whole tree per
+victim: a heap of offers, as SGLang's radix cache keeps its evictable leaves in a heap.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 from collections.abc import Callable
-from typing import Protocol
+from typing import Generic, Literal, Protocol, TypeVar
 
 from kvchat.errors import InputError
 
@@ -82,3 +91,63 @@ def policy_named(name: str) -> Policy:
     if name not in POLICIES:
         raise InputError(f"unknown eviction policy {name!r}: choose one of {', '.join(POLICIES)}")
     return POLICIES[name]
+
+
+N = TypeVar("N")
+Verdict = Literal["victim", "not now", "never"]
+
+
+class Victims(Generic[N]):
+    """Candidates for eviction from one tier, lowest priority first.
+
+    The tree `offer`s a node whenever its priority or its chance to become a candidate may have
+    changed (made, used, split, or a child left the tier); an older offer of the same node is then
+    stale and skipped. `lowest` asks the tree about each offer it reaches, cheapest first:
+    "victim" ends the search, "not now" (pinned, kept for the caller, being written) keeps the offer
+    for later, "never" (gone, or no longer a leaf of the tier: it is offered again when it becomes
+    one) drops it. Ties go to the earlier offer. O(log n) per offer; a search costs O(log n) per
+    offer it passes.
+    """
+
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+        self._heap: list[tuple[Priority, int, N]] = []
+        self._latest: dict[int, int] = {}  # id(node) -> its latest offer's stamp
+        self._stamps = itertools.count()
+
+    def offer(self, node: N) -> None:
+        stamp = next(self._stamps)
+        self._latest[id(node)] = stamp
+        heapq.heappush(self._heap, (self.policy(node), stamp, node))  # type: ignore[arg-type]
+        if len(self._heap) > 2 * len(self._latest) + 64:  # mostly stale offers: keep the live ones
+            self._heap = [entry for entry in self._heap if self._latest.get(id(entry[2])) == entry[1]]
+            heapq.heapify(self._heap)
+
+    def forget(self, node: N) -> None:
+        """`node` left the tree: its offers are stale."""
+        self._latest.pop(id(node), None)
+
+    def lowest(self, verdict: Callable[[N], Verdict]) -> N | None:
+        """The lowest-priority node `verdict` calls a victim (its offer is used up), or None."""
+        later: list[tuple[Priority, int, N]] = []
+        found = None
+        while self._heap:
+            entry = heapq.heappop(self._heap)
+            _, stamp, node = entry
+            if self._latest.get(id(node)) != stamp:
+                continue
+            answer = verdict(node)
+            if answer == "victim":
+                del self._latest[id(node)]
+                found = node
+                break
+            if answer == "not now":
+                later.append(entry)
+            else:
+                del self._latest[id(node)]
+        for entry in later:
+            heapq.heappush(self._heap, entry)
+        return found
+
+    def __len__(self) -> int:
+        return len(self._latest)

@@ -19,9 +19,8 @@ this format's version): a file made by another model or dtype is never loaded. O
 a directory at a time (an advisory lock); a second one runs without the disk tier and says why.
 
 All writing happens on one background thread (like the usage log), so a reply never waits for
-the disk. `DiskTier` ties the store to the tree: which nodes go to disk (shared system prompts
-always; private turns only with `persist_sessions`), their keys, write-through on insert, and
-loading a node back when a request needs it.
+the disk. Which nodes go to disk, and when, is `tier.py`; their bytes under the disk budget are
+counted in the tree (`copies.py`).
 """
 
 from __future__ import annotations
@@ -43,8 +42,7 @@ import torch
 import xxhash
 from safetensors import safe_open
 
-from kvchat.kv_storage import KVRun
-from kvchat.kv_tree import SHARED, KVTree, Node
+from kvchat.kv.runs import KVRun
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +71,8 @@ class StoredRun:
     hits: int
 
 
-def node_key(scope: str, owner: str, path_ids: Iterable[int]) -> str:
+def file_key(scope: str, owner: str, path_ids: Iterable[int]) -> str:
+    """A node's name on disk: the same conversation prefix gets the same key after a restart."""
     digest = xxhash.xxh3_128()
     digest.update(f"{scope}\x00{owner}\x00".encode())
     digest.update(array("i", path_ids).tobytes())
@@ -309,74 +308,6 @@ class DiskStore:
         with self._db.conn:
             for key, last_used_s, hits in uses:
                 self._db.execute("update runs set last_used_s = ?, hits = ? where key = ?", [last_used_s, hits, key])
-
-
-class DiskTier:
-    """The tree's lower tier: writes nodes through to the store, loads them back, restores at start."""
-
-    def __init__(self, store: DiskStore, tree: KVTree[KVRun], device: torch.device, dtype: torch.dtype,
-                 persist_sessions: bool = False) -> None:  # fmt: skip
-        self.store = store
-        self.tree = tree
-        self.device = device
-        self.dtype = dtype
-        self.persist_sessions = persist_sessions
-        self.reads = self.read_tokens = 0
-        tree.on_forget = store.delete
-
-    def wants(self, node: Node[KVRun]) -> bool:
-        """System prompts always; a conversation's own turns only when the operator opted in."""
-        return node.owner == SHARED or self.persist_sessions
-
-    def persist(self, node: Node[KVRun]) -> None:
-        """Write `node` through to disk in the background, if it belongs there and fits."""
-        if not self.wants(node) or node.disk or not node.in_memory:
-            return
-        ancestors = []
-        parent = node.parent
-        while parent is not None and parent.parent is not None:
-            ancestors.append(parent)
-            parent = parent.parent
-        if self.tree.make_disk_room(node.nbytes, keep=[node, *ancestors]) is None:
-            return
-        scope = self.tree.scope_of(node)
-        key = node_key(scope, node.owner, self.tree.path_ids(node))
-        parent_key = node.parent.disk_key if node.parent is not None else ""
-        if not self.tree.start_write(node, key):
-            return
-        record = StoredRun(key, parent_key, scope, node.owner, node.token_ids, node.nbytes, 0, node.created_s,
-                           node.last_used_s, node.hits)  # fmt: skip
-        self.store.write(record, node.payload, lambda ok: self.tree.write_done(node, ok))  # type: ignore[arg-type]
-
-    def load(self, node: Node[KVRun]) -> KVRun | None:
-        """`node`'s KV from disk, verified, or None (the node is then dropped from the tree)."""
-        run = self.store.read(node.disk_key, node.token_ids, self.device, self.dtype)
-        if run is None:
-            self.tree.forget(node)
-            return None
-        self.reads += 1
-        self.read_tokens += len(node.token_ids)
-        return run
-
-    def restore(self) -> int:
-        """Hang every complete file under its parent as a node on disk only; returns how many."""
-        nodes: dict[str, Node[KVRun]] = {}
-        for record in self.store.records():
-            parent = nodes.get(record.parent_key) if record.parent_key else None
-            if (record.parent_key and parent is None) or self.tree.make_disk_room(record.nbytes) is None:
-                self.store.delete(record.key)
-                continue
-            nodes[record.key] = self.tree.insert_stored(
-                record.scope, record.owner, parent, record.token_ids, record.nbytes, record.key,
-                record.created_s, record.last_used_s, record.hits,
-            )  # fmt: skip
-        return len(nodes)
-
-    def close(self) -> None:
-        """Record every stored node's last use, finish writing, release the directory."""
-        uses = [(n.disk_key, n.last_used_s, n.hits) for n in self.tree.nodes() if n.disk == "stored"]
-        self.store.touch(uses)
-        self.store.close()
 
 
 def _record(row: dict) -> StoredRun:

@@ -7,14 +7,15 @@ use it, and makes "evict leaves first" natural: a parent is never dropped while 
 Blocks would also hash partial runs away (only full blocks are shareable) and need a gather or a
 paged kernel to attend; a node here is one contiguous run, read in place.
 
-Every node is an edge of token ids with an opaque payload (the KV, held by `kv_storage`) and its
-real byte count. Matching compares token ids, never a hash alone. The tree is torch-free, so its
-rules are testable without a model:
+Every node is an edge of token ids with an opaque payload (the KV, a `runs.KVRun`) and its real
+byte count. Matching compares token ids, never a hash alone. The tree is torch-free, so its rules
+are testable without a model:
 - nodes used by a running request are pinned and never evicted;
 - eviction takes the unpinned leaf the policy ranks lowest (`eviction.py`; LRU by default), again
-  and again;
+  and again, found through a heap (`eviction.Victims`), not a walk;
 - room that cannot be made (pinned bytes and running reservations leave too little) evicts nothing;
-- bytes of idle nodes plus bytes reserved by running requests never exceed the budget.
+- bytes of idle nodes plus bytes reserved by running requests never exceed the budget; every byte
+  count is a running sum, kept as nodes come and go.
 
 Two tiers. A node may also have a copy on disk (`disk`: "writing", then "stored"), counted under
 the disk budget. Memory eviction demotes a stored node (its payload goes, the node stays, matchable)
@@ -23,128 +24,27 @@ always form the top of the tree (a node in memory has its parent in memory); the
 its own leaves under its own budget with the same policy. A node still being written is not
 demoted (its bytes are still needed by the writer), so the memory count stays true.
 
-Scopes: one root per scope (model fingerprint + salt): nothing crosses a scope. Inside a scope a
-node has an owner: `SHARED` (a system prompt, anyone's), `STATELESS` (turns of requests without a
-session, shared among them) or a session id (that session's own turns, private). A request sees
-only the owners it is allowed (`owners_for`).
+One root per scope, and an owner per node (`scope.py`): a match sees only the owners it is given.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Generic, Literal, TypeVar
+from typing import TypeVar
 
-import xxhash
-
-from kvchat.eviction import Policy, gdsf, lru
+from kvchat.kv.disk.copies import DiskCopies
+from kvchat.kv.eviction import Policy, Verdict, Victims, lru
+from kvchat.kv.node import Match, Node, best_child, display_key, info, memory_leaf, movable
+from kvchat.kv.scope import SHARED
+from kvchat.records import Eviction, NodeInfo
 
 P = TypeVar("P")
 
-SHARED = ""  # system prompts: shared by every request in the scope
-STATELESS = "\x00stateless"  # requests without a session: shared among themselves in the scope
 
-NodeKind = Literal["prefix", "stateless", "session"]
-DiskState = Literal["", "writing", "stored"]
-Tier = Literal["memory", "disk"]
-
-
-def owners_for(session_id: str | None) -> tuple[str, ...]:
-    """Whose nodes a request may read: system prompts, and its session's turns (or the stateless ones)."""
-    return (SHARED, owner_of(session_id))
-
-
-def owner_of(session_id: str | None) -> str:
-    """Who owns the turns a request adds. Session ids are hashed and namespaced: no session id can
-    name the shared or the stateless owner, and none is ever held or written to disk in clear."""
-    if session_id is None:
-        return STATELESS
-    return "session:" + xxhash.xxh3_128_hexdigest(session_id.encode("utf-8"))
-
-
-@dataclass(eq=False, slots=True)
-class Node(Generic[P]):
-    token_ids: tuple[int, ...]  # this edge's ids (the path from the root spells the whole prefix)
-    payload: P | None
-    nbytes: int
-    owner: str
-    parent: Node[P] | None
-    children: list[Node[P]] = field(default_factory=list)
-    pins: int = 0  # running requests reading it (and permanent pins: warm presets)
-    hits: int = 0  # requests that reused it
-    created_s: float = 0.0
-    last_used_s: float = 0.0
-    prev_used_s: float = float("-inf")  # the use before the last (for LRU-2)
-    credit: float = 0.0  # the tree's inflation clock at its last use (for GDSF)
-    disk: DiskState = ""  # a copy on disk: being written, or complete
-    disk_key: str = ""
-
-    @property
-    def in_memory(self) -> bool:
-        return self.payload is not None
-
-    @property
-    def kind(self) -> NodeKind:
-        if self.owner == SHARED:
-            return "prefix"
-        return "stateless" if self.owner == STATELESS else "session"
-
-    @property
-    def depth_tokens(self) -> int:
-        """Tokens from the root to the end of this node."""
-        node, total = self, 0
-        while node is not None:
-            total += len(node.token_ids)
-            node = node.parent
-        return total
-
-
-@dataclass(frozen=True, slots=True)
-class Match(Generic[P]):
-    nodes: list[Node[P]]  # whole nodes matched, root first
-    num_tokens: int  # tokens they cover
-    partial: Node[P] | None = None  # the next node, of which only `partial_tokens` matched
-    partial_tokens: int = 0
-
-    @property
-    def on_disk_only(self) -> list[Node[P]]:
-        """Matched nodes whose KV is only on disk (to promote before use), root first."""
-        nodes = [*self.nodes, *([self.partial] if self.partial is not None else [])]
-        return [node for node in nodes if not node.in_memory]
-
-
-@dataclass(frozen=True, slots=True)
-class Eviction:
-    key: str
-    nbytes: int
-    num_tokens: int
-    tier: Tier = "memory"  # which tier it left
-    demoted: bool = False  # left memory for its copy on disk (still cached)
-
-
-@dataclass(frozen=True, slots=True)
-class NodeInfo:
-    """One node, as the stats tab shows it."""
-
-    kind: NodeKind
-    key: str  # short stable id, never the session id
-    num_tokens: int  # this node's own tokens
-    depth_tokens: int  # tokens from the root to its end
-    nbytes: int
-    hits: int
-    pinned: bool
-    last_used_s: float
-    sessions: int  # distinct sessions (and the stateless crowd) under it
-    tier: Tier  # where its KV is now (memory may also have a copy on disk)
-    on_disk: bool  # a complete copy is on disk
-    parent_key: str = ""  # "" at the top of its scope
-    created_s: float = 0.0
-    preset: bool = False  # a warm preset pinned for good (set by the engine, which pinned it)
-
-
-class KVTree(Generic[P]):
+class KVTree(DiskCopies[P]):
     """The cached KV of every scope, idle or in use, under one memory budget and one disk budget.
     Thread-safe.
 
@@ -170,28 +70,21 @@ class KVTree(Generic[P]):
         self._lock = threading.RLock()
         self._node_bytes = 0
         self._disk_bytes = 0
+        self._writing_bytes = 0
+        self._owners: Counter[str] = Counter()  # nodes per owner
+        self._memory = Victims[Node[P]](policy)
+        self._disk = Victims[Node[P]](policy)
         self.running_bytes = 0  # reserved by running requests (their private buffers)
         self.evictions = 0  # left memory (dropped or demoted)
         self.demotions = 0  # of those, kept on disk
         self.disk_evictions = 0
         self.refused = 0  # make_room calls that could not be satisfied
-        self.inflation = 0.0  # GDSF's clock: the priority of the last victim
+        self.inflation = 0.0  # GreedyDual's clock: the first priority of the last victim
 
     # --- reading ---
     @property
     def node_bytes(self) -> int:
         return self._node_bytes
-
-    @property
-    def disk_bytes(self) -> int:
-        """Bytes of disk copies, complete or being written."""
-        return self._disk_bytes
-
-    @property
-    def writing_bytes(self) -> int:
-        """Memory bytes of nodes being written to disk: they cannot leave memory until written."""
-        with self._lock:
-            return sum(node.nbytes for node in self._walk() if node.disk == "writing")
 
     @property
     def used_bytes(self) -> int:
@@ -204,7 +97,7 @@ class KVTree(Generic[P]):
         with self._lock:
             node, pos, nodes = self._roots.get(scope), 0, []
             while node is not None and pos < limit:
-                child, common = _best_child(node, token_ids, pos, limit, owners)
+                child, common = best_child(node, token_ids, pos, limit, owners)
                 if child is None:
                     break
                 if common < len(child.token_ids):
@@ -215,9 +108,17 @@ class KVTree(Generic[P]):
             return Match(nodes, pos)
 
     def entries(self) -> list[NodeInfo]:
-        """Every node, most recently used first."""
+        """Every node, most recently used first (one walk: sessions under a node are counted once)."""
         with self._lock:
-            infos = [_info(node, _sessions_under(node)) for node in self._walk()]
+            sessions: dict[int, set[str]] = {}
+            infos = []
+            for node in sorted(self._walk(), key=lambda n: n.depth_tokens, reverse=True):
+                owners = sessions.setdefault(id(node), set())
+                if node.owner != SHARED:
+                    owners.add(node.owner)
+                if node.parent is not None:
+                    sessions.setdefault(id(node.parent), set()).update(owners)
+                infos.append(info(node, len(owners)))
         return sorted(infos, key=lambda info: info.last_used_s, reverse=True)
 
     def nodes(self) -> list[Node[P]]:
@@ -227,7 +128,7 @@ class KVTree(Generic[P]):
 
     def has_owner(self, owner: str) -> bool:
         with self._lock:
-            return any(node.owner == owner for node in self._walk())
+            return self._owners[owner] > 0
 
     def path_ids(self, node: Node[P]) -> list[int]:
         """Every token id from the root to the end of `node`."""
@@ -253,6 +154,7 @@ class KVTree(Generic[P]):
                 node.hits += 1
                 node.prev_used_s, node.last_used_s = node.last_used_s, now
                 node.credit = self.inflation
+                self._offer(node)
 
     def pin(self, nodes: Sequence[Node[P]]) -> None:
         with self._lock:
@@ -276,41 +178,22 @@ class KVTree(Generic[P]):
             if need <= 0:
                 return []
             kept = {id(node) for node in keep}
-            evictable = self._reachable_bytes(lambda n: not n.in_memory or _movable(n, kept), lambda n: n.in_memory)
+            evictable = self._reachable_bytes(lambda n: not n.in_memory or movable(n, kept), lambda n: n.in_memory)
             if evictable < need:
                 self.refused += 1
                 return None
+
+            def verdict(node: Node[P]) -> Verdict:
+                if node.parent is None or not memory_leaf(node):
+                    return "never"
+                return "victim" if movable(node, kept) else "not now"
+
             evicted: list[Eviction] = []
             while need > 0:
-                leaf = self._lowest(n for n in self._walk() if _memory_leaf(n) and _movable(n, kept))
+                leaf = self._lowest(self._memory, verdict)
                 need -= leaf.nbytes
                 evicted.append(self._evict_from_memory(leaf))
             self.evictions += len(evicted)
-            return evicted
-
-    def make_disk_room(self, nbytes: int, keep: Sequence[Node[P]] = ()) -> list[Eviction] | None:
-        """Drop disk copies of disk leaves, lowest priority first, until `nbytes` more fit the disk
-        budget; None (dropping nothing) when they cannot. A node in memory keeps its KV there."""
-        with self._lock:
-            need = self._disk_bytes + nbytes - self.disk_budget_bytes
-            if need <= 0:
-                return []
-            kept = {id(node) for node in keep}
-            droppable = self._reachable_bytes(lambda n: id(n) not in kept and n.disk != "writing",
-                                              lambda n: n.disk == "stored")  # fmt: skip
-            if droppable < need:
-                return None
-            evicted: list[Eviction] = []
-            while need > 0:
-                leaf = self._lowest(n for n in self._walk() if n.disk == "stored" and _disk_leaf(n)
-                                    and id(n) not in kept)  # fmt: skip
-                need -= leaf.nbytes
-                evicted.append(Eviction(node_key(leaf), leaf.nbytes, len(leaf.token_ids), tier="disk"))
-                if leaf.in_memory:
-                    self._drop_disk_copy(leaf)
-                else:
-                    self._unlink(leaf)
-            self.disk_evictions += len(evicted)
             return evicted
 
     def reserve(self, nbytes: int) -> None:
@@ -340,22 +223,9 @@ class KVTree(Generic[P]):
             now = self._clock()
             node = Node(tuple(token_ids), payload, nbytes, owner, parent, created_s=now, last_used_s=now,
                         credit=self.inflation)  # fmt: skip
-            parent.children.append(node)
+            self._attach(node)
             self._node_bytes += nbytes
             assert self._node_bytes + self.running_bytes <= self.budget_bytes, "inserted past the budget"
-            return node
-
-    def insert_stored(
-        self, scope: str, owner: str, parent: Node[P] | None, token_ids: Sequence[int], nbytes: int, key: str,
-        created_s: float, last_used_s: float, hits: int,
-    ) -> Node[P]:  # fmt: skip
-        """Hang a node whose KV is only on disk (found there at start). The caller made disk room."""
-        with self._lock:
-            parent = self._parent_for(scope, parent)
-            node = Node(tuple(token_ids), None, nbytes, owner, parent, hits=hits, created_s=created_s,
-                        last_used_s=last_used_s, disk="stored", disk_key=key)  # fmt: skip
-            parent.children.append(node)
-            self._disk_bytes += nbytes
             return node
 
     def promote(self, node: Node[P], payload: P) -> None:
@@ -365,28 +235,8 @@ class KVTree(Generic[P]):
             assert node.parent.parent is None or node.parent.in_memory, "promote parents first"
             node.payload = payload
             self._node_bytes += node.nbytes
+            self._memory.offer(node)
             assert self._node_bytes + self.running_bytes <= self.budget_bytes, "promoted past the budget"
-
-    def start_write(self, node: Node[P], key: str) -> bool:
-        """Count a disk copy being written (after `make_disk_room` said it fits). False if the
-        node left the tree meanwhile or already has a copy."""
-        with self._lock:
-            if node.parent is None or node.disk:
-                return False
-            node.disk, node.disk_key = "writing", key
-            self._disk_bytes += node.nbytes
-            return True
-
-    def write_done(self, node: Node[P], ok: bool) -> None:
-        """The writer finished `node`'s copy (ok) or gave up (disk full, read-only...)."""
-        with self._lock:
-            if node.disk != "writing":
-                return  # dropped or split meanwhile: its copy was already forgotten
-            if ok:
-                node.disk = "stored"
-            else:
-                self._disk_bytes -= node.nbytes
-                node.disk, node.disk_key = "", ""
 
     def forget(self, node: Node[P]) -> None:
         """Drop a node and everything under it (its disk copy proved unreadable); unpinned only."""
@@ -407,8 +257,11 @@ class KVTree(Generic[P]):
                         [node], node.pins, node.hits, node.created_s, node.last_used_s)  # fmt: skip
             siblings = node.parent.children
             siblings[siblings.index(node)] = head
+            self._owners[head.owner] += 1
             self._node_bytes += head_bytes + tail_bytes - node.nbytes
             node.token_ids, node.payload, node.nbytes, node.parent = node.token_ids[at:], tail_payload, tail_bytes, head
+            self._offer(head)
+            self._offer(node)
             return head
 
     def remove(self, node: Node[P]) -> None:
@@ -447,11 +300,24 @@ class KVTree(Generic[P]):
             raise ValueError("cannot insert under a node that left the tree (pin it first)")
         return parent
 
-    def _lowest(self, candidates: Iterator[Node[P]]) -> Node[P]:
-        """The candidate the policy ranks lowest; its value becomes the inflation clock."""
-        victim = min(candidates, key=self.policy)
-        if self.policy is gdsf:
-            self.inflation = max(self.inflation, gdsf(victim)[0])
+    def _attach(self, node: Node[P]) -> None:
+        assert node.parent is not None
+        node.parent.children.append(node)
+        self._owners[node.owner] += 1
+        self._offer(node)
+
+    def _offer(self, node: Node[P]) -> None:
+        """`node`'s priority (or its chance to be a leaf) may have changed: both tiers hear of it."""
+        if node.in_memory:
+            self._memory.offer(node)
+        if node.disk == "stored":
+            self._disk.offer(node)
+
+    def _lowest(self, victims: Victims[Node[P]], verdict: Callable[[Node[P]], Verdict]) -> Node[P]:
+        """The candidate the policy ranks lowest; its first priority becomes the inflation clock."""
+        victim = victims.lowest(verdict)
+        assert victim is not None, "the reachable bytes said a victim exists"
+        self.inflation = max(self.inflation, self.policy(victim)[0])
         return victim
 
     def _evict_from_memory(self, node: Node[P]) -> Eviction:
@@ -459,10 +325,17 @@ class KVTree(Generic[P]):
             node.payload = None
             self._node_bytes -= node.nbytes
             self.demotions += 1
-            return Eviction(node_key(node), node.nbytes, len(node.token_ids), demoted=True)
-        eviction = Eviction(node_key(node), node.nbytes, len(node.token_ids))
+            self._offer_parent(node)
+            return Eviction(display_key(node), node.nbytes, len(node.token_ids), demoted=True)
+        eviction = Eviction(display_key(node), node.nbytes, len(node.token_ids))
         self._unlink(node)
         return eviction
+
+    def _offer_parent(self, node: Node[P]) -> None:
+        """`node` left a tier: its parent may now be a leaf of it."""
+        parent = node.parent
+        if parent is not None and parent.parent is not None:
+            self._offer(parent)
 
     def _walk(self) -> Iterator[Node[P]]:
         stack = [child for root in self._roots.values() for child in root.children]
@@ -473,7 +346,8 @@ class KVTree(Generic[P]):
 
     def _reachable_bytes(self, may_go: Callable[[Node[P]], bool], counted: Callable[[Node[P]], bool]) -> int:
         """Bytes leaf-first eviction can reach: of `counted` nodes that may go and have nothing
-        below them that may not (a parent never goes before its children)."""
+        below them that may not (a parent never goes before its children). One walk: it runs
+        only when room must be made."""
 
         def free_below(node: Node[P]) -> tuple[bool, int]:
             free, total = may_go(node), 0
@@ -485,16 +359,11 @@ class KVTree(Generic[P]):
 
         return sum(free_below(child)[1] for root in self._roots.values() for child in root.children)
 
-    def _drop_disk_copy(self, node: Node[P]) -> None:
-        self._disk_bytes -= node.nbytes
-        key, node.disk, node.disk_key = node.disk_key, "", ""
-        if self.on_forget is not None:
-            self.on_forget(key)
-
     def _unlink(self, node: Node[P]) -> None:
         """Take `node` and its subtree out of the tree, forgetting their disk copies."""
         assert node.parent is not None
         node.parent.children.remove(node)
+        self._offer_parent(node)
         stack = [node]
         while stack:
             current = stack.pop()
@@ -503,68 +372,9 @@ class KVTree(Generic[P]):
                 self._node_bytes -= current.nbytes
             if current.disk:
                 self._drop_disk_copy(current)
+            self._owners[current.owner] -= 1
+            self._memory.forget(current)
+            self._disk.forget(current)
             current.payload, current.parent = None, None
 
 
-def _memory_leaf(node: Node) -> bool:
-    return node.in_memory and not any(child.in_memory for child in node.children)
-
-
-def _disk_leaf(node: Node) -> bool:
-    """No node below has a disk copy (a parent's copy outlives its children's)."""
-    stack = list(node.children)
-    while stack:
-        current = stack.pop()
-        if current.disk:
-            return False
-        stack.extend(current.children)
-    return True
-
-
-def _movable(node: Node, kept: set[int]) -> bool:
-    """May leave memory now: no request uses it, and it is not being written to disk."""
-    return not node.pins and id(node) not in kept and node.disk != "writing"
-
-
-def _best_child(node: Node[P], token_ids: Sequence[int], pos: int, limit: int, owners: Sequence[str]) -> tuple[Node[P] | None, int]:
-    """The visible child sharing the most ids with `token_ids[pos:limit]`, and how many."""
-    best, best_len = None, 0
-    for child in node.children:
-        if child.owner in owners and child.token_ids[0] == token_ids[pos]:
-            common = _common_len(child.token_ids, token_ids, pos, limit)
-            if common > best_len:
-                best, best_len = child, common
-    return best, best_len
-
-
-def _common_len(edge: tuple[int, ...], token_ids: Sequence[int], start: int, limit: int) -> int:
-    n = min(len(edge), limit - start)
-    for i in range(n):
-        if edge[i] != token_ids[start + i]:
-            return i
-    return n
-
-
-def node_key(node: Node[P]) -> str:
-    """A short stable id for display and logs: never a session id."""
-    return f"{node.kind}:{id(node) & 0xFFFFFF:06x}"
-
-
-def _sessions_under(node: Node[P]) -> int:
-    owners, stack = set(), [node]
-    while stack:
-        current = stack.pop()
-        if current.owner != SHARED:
-            owners.add(current.owner)
-        stack.extend(current.children)
-    return len(owners)
-
-
-def _info(node: Node[P], sessions: int) -> NodeInfo:
-    return NodeInfo(
-        kind=node.kind, key=node_key(node), num_tokens=len(node.token_ids), depth_tokens=node.depth_tokens,
-        nbytes=node.nbytes, hits=node.hits, pinned=node.pins > 0, last_used_s=node.last_used_s,
-        sessions=sessions, tier="memory" if node.in_memory else "disk", on_disk=node.disk == "stored",
-        parent_key=node_key(node.parent) if node.parent is not None and node.parent.token_ids else "",
-        created_s=node.created_s,
-    )  # fmt: skip

@@ -15,11 +15,15 @@
   per shared system prompt still holds; what is lost is reading a shared run once for many rows.
 
 Both take the same `Row`s and return the same logits; the scheduler asks `reads_runs_in_place`.
+
+This is the one module that reaches into transformers' attention and cache internals; it also
+reads a model's KV layout from a real forward (`kv_layout`).
 """
 
 from __future__ import annotations
 
 import inspect
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +31,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
-from kvchat.kv_storage import KVRun, RowBuffer, kv_layout
+from kvchat.kv.runs import KVRun, RowBuffer
 
 
 class Unsupported(RuntimeError):
@@ -357,3 +361,19 @@ class _RowLayer(DynamicLayer):
         if self.prefix is not None:
             keys, values = torch.cat([self.prefix[0], keys], dim=1), torch.cat([self.prefix[1], values], dim=1)
         self.keys, self.values = keys.unsqueeze(0), values.unsqueeze(0)
+
+
+
+_LAYOUTS: weakref.WeakKeyDictionary[PreTrainedModel, tuple[tuple[int, int], ...]] = weakref.WeakKeyDictionary()
+
+
+def kv_layout(model: PreTrainedModel) -> tuple[tuple[int, int], ...]:
+    """Each layer's (KV heads, head dim), read from the K/V tensors [1, H_kv, 1, D] that one
+    token through the model writes into a stock cache (once per model, then remembered)."""
+    if model not in _LAYOUTS:
+        cache = DynamicCache(config=model.config)
+        token = torch.zeros((1, 1), dtype=torch.long, device=model.device)
+        with torch.inference_mode():
+            model(input_ids=token, cache=cache, use_cache=True)
+        _LAYOUTS[model] = tuple((layer.keys.shape[1], layer.keys.shape[-1]) for layer in cache.layers)
+    return _LAYOUTS[model]

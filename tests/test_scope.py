@@ -1,4 +1,4 @@
-from kvchat.prefix import fingerprint, scope_key
+from kvchat.kv.scope import fingerprint, scope_key
 
 
 def test_scope_key_is_stable_and_depends_on_model_and_salt():

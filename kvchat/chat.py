@@ -16,12 +16,14 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jinja2 import TemplateError
-from transformers import PreTrainedTokenizerBase
 
 from kvchat.errors import InputError
+
+if TYPE_CHECKING:  # the page and the API import `content_text` on their way up: no transformers then
+    from transformers import PreTrainedTokenizerBase
 
 ROLES = ("system", "user", "assistant")
 _MARK = "\ue000"  # a private-use character: marks where a message's text sits in a render
@@ -35,42 +37,57 @@ class Prompt:
     user_text: str  # the last user message as plain text (logged only with --store-text)
 
 
-def normalise(messages: Sequence[Mapping[str, Any]]) -> list[Message]:
-    """Validate a conversation and flatten content to text.
+def content_text(content: Any, field: str = "content") -> str:
+    """The text of one message's content, the one reading of it that the engine, the API and the
+    page share.
 
-    Browsers send content as a list of parts (`[{"type": "text", "text": ...}]`), API clients as a
-    string; both become a string. The conversation ends with a user message (answered) or an
-    assistant message (continued); it must hold at least one non-system message.
+    Content is a string, None (no text), or a list of parts as browsers and OpenAI clients send it
+    (`[{"type": "text", "text": ...}]`): the parts' texts are joined, a bare string part counts as
+    text, and any other part (an image, a number, a `text` that is not a string) adds nothing.
+    Anything else (a number, a mapping, bytes) raises `InputError` naming `field`. A lone UTF-16
+    surrogate (a browser or a JSON escape can send one) cannot be encoded: it becomes "?".
     """
-    if not isinstance(messages, Sequence) or isinstance(messages, (str, bytes)) or not messages:
-        raise InputError("the conversation is empty: send at least one user message")
-    result: list[Message] = []
-    for index, message in enumerate(messages):
-        if not isinstance(message, Mapping):
-            raise InputError(f"message {index} is not a {{'role', 'content'}} mapping")
-        role = message.get("role")
-        if role not in ROLES:
-            raise InputError(f"message {index} has role {role!r}; use one of {', '.join(ROLES)}")
-        result.append({"role": role, "content": _text_of(message.get("content"), index)})
-    if result[-1]["role"] == "system":
-        raise InputError("the conversation must end with a user message (answered) or an assistant message (continued)")
-    if result[-1]["role"] == "user" and not result[-1]["content"].strip():
-        raise InputError("the message is empty: type something to send")
-    return result
-
-
-def _text_of(content: Any, index: int) -> str:
     if content is None:
         return ""
     if isinstance(content, str):
         text = content
-    elif isinstance(content, Sequence):
-        parts = [part.get("text", "") if isinstance(part, Mapping) else str(part) for part in content]
-        text = "".join(p for p in parts if isinstance(p, str))
+    elif isinstance(content, list | tuple):
+        text = "".join(_part_text(part) for part in content)
     else:
-        raise InputError(f"message {index} has content of type {type(content).__name__}; send text")
-    # Lone surrogates cannot be encoded (a browser can send them); replace rather than fail.
+        raise InputError(f"{field} must be a string or a list of text parts, not {type(content).__name__}", field)
     return text.encode("utf-8", errors="replace").decode("utf-8")
+
+
+def _part_text(part: Any) -> str:
+    text = part.get("text", "") if isinstance(part, Mapping) else part
+    return text if isinstance(text, str) else ""
+
+
+def normalise(messages: Sequence[Mapping[str, Any]]) -> list[Message]:
+    """Validate a conversation and flatten content to text (`content_text`).
+
+    The conversation ends with a user message (answered) or an assistant message (continued); it
+    must hold at least one non-system message. Each refusal names its field in OpenAI's spelling
+    (`messages`, `messages[2].role`), which the API passes on as `param`.
+    """
+    if not isinstance(messages, Sequence) or isinstance(messages, (str, bytes)) or not messages:
+        raise InputError("the conversation is empty: send at least one user message", "messages")
+    result: list[Message] = []
+    for index, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            raise InputError(f"message {index} is not a {{'role', 'content'}} mapping", f"messages[{index}]")
+        role = message.get("role")
+        if role not in ROLES:
+            raise InputError(f"message {index} has role {role!r}; use one of {', '.join(ROLES)}",
+                             f"messages[{index}].role")  # fmt: skip
+        text = content_text(message.get("content"), f"messages[{index}].content")
+        result.append({"role": role, "content": text})
+    if result[-1]["role"] == "system":
+        raise InputError("the conversation must end with a user message (answered) or an assistant message "
+                         "(continued)", "messages")  # fmt: skip
+    if result[-1]["role"] == "user" and not result[-1]["content"].strip():
+        raise InputError("the message is empty: type something to send", f"messages[{len(result) - 1}].content")
+    return result
 
 
 class ChatTemplate:
@@ -105,7 +122,7 @@ class ChatTemplate:
         contents = {k: m["content"] for m, k in zip(conversation, markers)}
         if "".join(contents.get(p, p) for p in pieces) != text:
             raise InputError("this model's chat template rewrites message text, so a message may not spell "
-                             "its control tokens (such as <|im_end|>)")  # fmt: skip
+                             "its control tokens (such as <|im_end|>)", "messages")  # fmt: skip
         ids: list[int] = []
         for piece in pieces:
             if piece in contents:
@@ -122,7 +139,7 @@ class ChatTemplate:
                 continue_final_message=continued, tokenize=False,
             ))  # fmt: skip
         except (TemplateError, ValueError) as err:
-            raise InputError(f"this model's chat template cannot render this conversation: {err}") from err
+            raise InputError(f"this model's chat template cannot render this conversation: {err}", "messages") from err
 
     def _tokenise(self, text: str, split_special: bool) -> list[int]:
         if not text:

@@ -14,6 +14,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from kvchat.chat import content_text
+from kvchat.errors import InputError
+
 ROLES = ("user", "assistant")
 Message = dict[str, Any]
 
@@ -22,10 +25,13 @@ _OLD_STATUS = re.compile(r"⏳ (Queued, (\d+ ahead|next in line)…|Loading the 
 
 
 def plain_text(value: Any) -> str:
-    """Text of a message's content, whether a string or a list of parts (as the browser sends it)."""
-    if isinstance(value, list):
-        return "".join(part.get("text", "") for part in value if isinstance(part, dict))
-    return value if isinstance(value, str) else str(value or "")
+    """Text of a message's content as `chat.content_text` reads it (a string or a list of parts, as
+    the browser sends it). The page must draw whatever a browser saved or a Gradio API client sent,
+    so content that is not text (a number) is shown as written instead of refused."""
+    try:
+        return content_text(value)
+    except InputError:
+        return str(value)
 
 
 def text_message(role: str, text: str) -> Message:

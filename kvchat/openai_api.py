@@ -27,8 +27,9 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from kvchat.chat import content_text
 from kvchat.errors import Busy, GenerationError, InputError
-from kvchat.request_schema import ChatCompletionBody, SchemaError, parse_body
+from kvchat.request_schema import ChatCompletionBody, parse_body
 from kvchat.stop_strings import as_stops, stop_at
 
 if TYPE_CHECKING:
@@ -77,6 +78,17 @@ class APIError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=dict(headers or {}))
 
 
+def refusal(err: InputError, max_tokens_param: str = "max_tokens") -> APIError:
+    """A refused request in OpenAI's shape, from the error's kind and its `field` and `code` alone
+    (the message is never read): a 429 `rate_limit_error` when the engine is busy, else a 400
+    `invalid_request_error` whose `param` is the field in the request's spelling (the engine's
+    `max_new_tokens` is whichever of `max_tokens`/`max_completion_tokens` the client set)."""
+    if isinstance(err, Busy):
+        return APIError(429, str(err), kind="rate_limit_error", code="busy")
+    param = max_tokens_param if err.field == "max_new_tokens" else err.field
+    return APIError(400, str(err), param=param, code=err.code)
+
+
 @dataclass(frozen=True, slots=True)
 class ChatRequest:
     messages: list[dict[str, str]]
@@ -95,8 +107,8 @@ def parse_request(body: Any, served_id: str) -> ChatRequest:
     """Validate a chat-completions body; anything we cannot honour is a 400 naming the field."""
     try:
         chat = parse_body(body)
-    except SchemaError as err:
-        raise APIError(400, str(err), param=err.param) from None
+    except InputError as err:
+        raise refusal(err) from None
     if chat.model != served_id:
         raise APIError(404, f"the model {chat.model!r} does not exist: this server serves {served_id!r}",
                        param="model", code="model_not_found")  # fmt: skip
@@ -107,7 +119,7 @@ def parse_request(body: Any, served_id: str) -> ChatRequest:
     try:
         stops = as_stops(chat.stop)
     except InputError as err:
-        raise APIError(400, str(err), param="stop") from None
+        raise refusal(err) from None
     return ChatRequest(
         messages=_messages(chat),
         max_tokens=chat.reply_cap or DEFAULT_MAX_TOKENS,
@@ -125,9 +137,8 @@ def parse_request(body: Any, served_id: str) -> ChatRequest:
 def _messages(chat: ChatCompletionBody) -> list[dict[str, str]]:
     """OpenAI's roles and content parts as the engine's conversation: developer is system."""
     messages = []
-    for message in chat.messages:
-        content = message.content
-        text = "".join(part.text for part in content) if isinstance(content, list) else content or ""
+    for index, message in enumerate(chat.messages):
+        text = content_text(message.model_dump(include={"content"})["content"], f"messages[{index}].content")
         messages.append({"role": "system" if message.role == "developer" else message.role, "content": text})
     return messages
 
@@ -305,11 +316,8 @@ def _start(engine: Engine, chat: ChatRequest) -> Generation:
             None, chat.messages, max_new_tokens=chat.max_tokens, temperature=chat.temperature, top_p=chat.top_p,
             seed=chat.seed, cache_salt=chat.cache_salt, stop=chat.stop, door="api",
         )  # fmt: skip
-    except Busy as err:
-        raise APIError(429, str(err), kind="rate_limit_error", code="busy") from err
     except InputError as err:
-        param = {"max_new_tokens": chat.max_tokens_param}.get(err.field or "", err.field)
-        raise APIError(400, str(err), param=param, code=err.code) from err
+        raise refusal(err, chat.max_tokens_param) from err
 
 
 async def _complete(request: Request, generation: Generation, reply: _Reply) -> Response:

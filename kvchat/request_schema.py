@@ -1,7 +1,7 @@
 """The chat-completions request as OpenAI's schema declares it (pydantic): types, ranges, which
 fields may be null (null means the default), and the precedence of `max_completion_tokens` over
-`max_tokens`. Parsing turns every refusal into one `SchemaError` naming the field at fault, in
-OpenAI's `param` spelling (`messages[0].content`).
+`max_tokens`. Parsing turns every refusal into one `InputError` whose `field` names the field at
+fault in OpenAI's `param` spelling (`messages[0].content`), as the engine's own refusals do.
 
 Text that cannot be encoded (a lone UTF-16 surrogate, which JSON's `\ud83d` escape allows) is
 repaired in message text, as the chat page's typing is (`?` in its place), and refused by name in
@@ -15,16 +15,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 
+from kvchat.errors import InputError
+
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 Real = Annotated[float, Field(strict=True)]
-
-
-class SchemaError(ValueError):
-    """A request that does not fit the schema: `param` names the field (None: the whole body)."""
-
-    def __init__(self, message: str, param: str | None) -> None:
-        super().__init__(message)
-        self.param = param
 
 
 class TextPart(BaseModel):
@@ -82,24 +76,25 @@ class ChatCompletionBody(BaseModel):
 
 
 def parse_body(body: Any) -> ChatCompletionBody:
-    """Validate a decoded JSON body; `SchemaError` names the first field at fault."""
+    """Validate a decoded JSON body; the `InputError` names the first field at fault (`field` None:
+    the whole body)."""
     if not isinstance(body, dict):
-        raise SchemaError("the request body must be a JSON object", None)
+        raise InputError("the request body must be a JSON object")
     for param, text in _strings(body, ""):
         if _is_message_text(param):
             continue
         try:
             text.encode("utf-8")
         except UnicodeEncodeError:
-            raise SchemaError(f"{param}: the text holds an unpaired surrogate (\\ud800-\\udfff) and cannot be "
-                              "encoded as UTF-8", param) from None  # fmt: skip
+            raise InputError(f"{param}: the text holds an unpaired surrogate (\\ud800-\\udfff) and cannot be "
+                             "encoded as UTF-8", param) from None  # fmt: skip
     try:
         return ChatCompletionBody.model_validate(body)
     except ValidationError as err:
         first = err.errors(include_url=False)[0]
         param = _param(first["loc"])
         plain = next((text for pattern, text in _PLAIN.items() if re.fullmatch(pattern, param or "")), first["msg"])
-        raise SchemaError(f"{param or 'body'}: {plain}", param) from None
+        raise InputError(f"{param or 'body'}: {plain}", param) from None
 
 
 # What a refusal says where pydantic's own words would name a union branch or a bound, not the rule.

@@ -1,8 +1,8 @@
 import pytest
 
-from kvchat.chat import ChatTemplate, normalise
-from kvchat.output import TextStream
+from kvchat.chat import ChatTemplate, content_text, normalise
 from kvchat.errors import InputError
+from kvchat.output import TextStream
 
 
 def test_normalise_flattens_browser_content_parts():
@@ -10,19 +10,45 @@ def test_normalise_flattens_browser_content_parts():
     assert normalise(messages) == [{"role": "user", "content": "Hi there"}]
 
 
+IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+
+
 @pytest.mark.parametrize(
-    ("messages", "words"),
+    ("content", "text"),
+    [("  two\n\tlines ", "  two\n\tlines "), (None, ""), ([], ""),
+     ([{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}], "Hi there"),
+     (({"type": "text", "text": "a"}, {"type": "text", "text": "b"}), "ab"),
+     ([{"type": "text", "text": "see "}, "this ", IMAGE, {"type": "text", "text": "picture"}], "see this picture"),
+     ([IMAGE, {"type": "input_audio"}, {"type": "text", "text": 5}, 7, None], ""),
+     ("bad \ud800 char", "bad ? char"), ([{"type": "text", "text": "\udc00!"}], "?!")],
+)  # fmt: skip
+def test_content_is_read_as_text_one_way_for_strings_parts_and_mixed_lists(content, text):
+    """Strings as API clients send them, parts as browsers do, mixed lists: the text parts joined in
+    order; a part that is not text (an image, audio, a number) adds nothing."""
+    assert content_text(content) == text
+
+
+@pytest.mark.parametrize("content", [5, 2.5, {"type": "text", "text": "a mapping, not a list"}, b"bytes"])
+def test_content_that_is_not_text_is_refused_naming_its_field(content):
+    with pytest.raises(InputError, match="must be a string or a list of text parts") as caught:
+        normalise([{"role": "user", "content": "Hi"}, {"role": "user", "content": content}])
+    assert caught.value.field == "messages[1].content" and caught.value.code is None
+
+
+@pytest.mark.parametrize(
+    ("messages", "words", "field"),
     [
-        ([], "empty"),
-        ([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}], "end with a user"),
-        ([{"role": "wizard", "content": "x"}], "role"),
-        ([{"role": "user", "content": "   \n"}], "empty"),
-        (["just a string"], "mapping"),
+        ([], "empty", "messages"),
+        ([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}], "end with a user", "messages"),
+        ([{"role": "wizard", "content": "x"}], "role", "messages[0].role"),
+        ([{"role": "system", "content": "s"}, {"role": "user", "content": "   \n"}], "empty", "messages[1].content"),
+        (["just a string"], "mapping", "messages[0]"),
     ],
 )  # fmt: skip
-def test_bad_conversations_say_what_is_wrong(messages, words):
-    with pytest.raises(InputError, match=words):
+def test_bad_conversations_say_what_is_wrong_and_name_the_field(messages, words, field):
+    with pytest.raises(InputError, match=words) as caught:
         normalise(messages)
+    assert caught.value.field == field
 
 
 def test_lone_surrogates_do_not_crash(tokenizer):

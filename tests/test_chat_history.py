@@ -9,6 +9,7 @@ import pytest
 
 import app
 from kvchat import stats as panel
+from kvchat.chat import content_text
 from kvchat.chat_history import kept_history, model_messages, text_message
 from kvchat.generation import Generation
 from kvchat.tab_replies import TabReplies
@@ -50,6 +51,16 @@ def test_text_is_kept_verbatim_whatever_shape_the_browser_sends():
     code = "    indented\n\tand tabbed\n"
     sent = model_messages("  ", [{"role": "user", "content": code}, text_message("assistant", code)])
     assert [m["content"] for m in sent] == [code, code]  # a blank system prompt is not sent
+
+
+def test_the_page_reads_content_as_the_engine_does_and_never_refuses_what_a_browser_saved():
+    parts = [{"type": "text", "text": "see "}, {"type": "image_url", "image_url": {"url": "x"}},
+             {"type": "text", "text": 5}, {"type": "text", "text": "this"}]  # fmt: skip
+    history = [{"role": "user", "content": parts}, {"role": "assistant", "content": 42}]
+    assert kept_history(history) == history  # a non-string text part no longer breaks a restore
+    sent = model_messages("", history)
+    assert sent == [{"role": "user", "content": content_text(parts)}, {"role": "assistant", "content": "42"}]
+    assert sent[0]["content"] == "see this"
 
 
 def test_a_saved_history_drops_statuses_and_junk_and_keeps_badges():

@@ -13,9 +13,9 @@ import sqlite_utils
 from prometheus_client.parser import text_string_to_metric_families
 
 import app
-from kvchat import Engine, openai_api
+from kvchat import Busy, Engine, InputError, openai_api
 from kvchat.config import config_from_args
-from kvchat.openai_api import APIError, _Reply, model_id, parse_request
+from kvchat.openai_api import APIError, _Reply, model_id, parse_request, refusal
 from kvchat.startup import BackgroundEngine
 from kvchat.usage_log import UsageLog
 from test_app import free_port
@@ -43,6 +43,21 @@ def test_bad_fields_are_refused_naming_the_field(fields, param):
         parse_request(body(**fields), MODEL)
     assert caught.value.status == 400 and caught.value.param == param
     assert set(caught.value.body()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_a_refusal_is_built_from_the_errors_field_and_code_never_its_message():
+    misleading = refusal(InputError("the context of this temperature is wrong", "temperature"))
+    assert misleading.status == 400 and misleading.body()["error"] == {
+        "message": "the context of this temperature is wrong", "type": "invalid_request_error",
+        "param": "temperature", "code": None}  # fmt: skip
+    too_long = refusal(InputError("too many tokens", "messages", "context_length_exceeded"))
+    assert (too_long.param, too_long.code) == ("messages", "context_length_exceeded")
+    assert refusal(InputError("cap", "max_new_tokens"), "max_completion_tokens").param == "max_completion_tokens"
+    busy = refusal(Busy("busy: try again"))
+    assert (busy.status, busy.kind, busy.code, busy.param) == (429, "rate_limit_error", "busy", None)
+    with pytest.raises(APIError) as caught:
+        parse_request(["not", "an", "object"], MODEL)
+    assert caught.value.status == 400 and caught.value.param is None
 
 
 def test_null_means_the_default_and_max_completion_tokens_null_keeps_max_tokens():
@@ -230,6 +245,19 @@ def test_the_five_inputs_real_clients_send_get_their_right_answers(served):
     assert salt.status_code == 400 and salt.json()["error"]["param"] == "cache_salt"
     too_long = post(url, max_tokens=1_000_000)
     assert too_long.status_code == 400 and too_long.json()["error"]["param"] == "max_tokens"
+
+
+def test_refusals_name_the_param_and_the_code_a_client_acts_on(served):
+    engine, url = served[0], served[1]
+    too_long = post(url, messages=[{"role": "user", "content": "word " * (engine.context_tokens + 100)}])
+    assert too_long.status_code == 400 and too_long.json()["error"] == {
+        "message": too_long.json()["error"]["message"], "type": "invalid_request_error", "param": "messages",
+        "code": "context_length_exceeded"}  # fmt: skip
+    for fields, param in [({"max_completion_tokens": 1_000_000}, "max_completion_tokens"),
+                          ({"temperature": 3}, "temperature"), ({"stop": ["a"] * 5}, "stop"),
+                          ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content")]:  # fmt: skip
+        error = post(url, **fields).json()["error"]
+        assert (error["param"], error["code"], error["type"]) == (param, None, "invalid_request_error"), error
 
 
 def test_any_conversation_shape_openai_accepts_is_served(served):

@@ -4,6 +4,9 @@ tiny randomly initialised Llama that shares the bundled tokenizer and chat templ
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
+from typing import TypeVar
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -17,6 +20,27 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E
 from kvchat import models  # noqa: E402
 from kvchat.engine import Engine  # noqa: E402
 from kvchat.usage_log import UsageLog  # noqa: E402
+
+T = TypeVar("T")
+
+
+def wait_until(predicate: Callable[[], T], timeout_s: float = 30.0, interval_s: float = 0.1,
+               message: str | Callable[[], str] = "the condition holds") -> T:
+    """Call `predicate` every `interval_s` until it returns something truthy, and return that.
+
+    For a test that waits on something asynchronous (a log writer, the engine's loop, a child
+    process) instead of sleeping a fixed time. On timeout the test fails, saying what it awaited
+    (`message`, or what `message()` says then, so it can report the state it found) and the
+    predicate's last value when that says more than False or None. An exception from `predicate`
+    is not retried: it ends the wait."""
+    deadline = time.monotonic() + timeout_s
+    while not (value := predicate()):
+        if time.monotonic() >= deadline:
+            awaited = message() if callable(message) else message
+            seen = "" if value is None or value is False else f" (last seen: {value!r})"
+            pytest.fail(f"timed out after {timeout_s:g} s waiting until {awaited}{seen}")
+        time.sleep(interval_s)
+    return value
 
 
 @pytest.fixture(scope="session")

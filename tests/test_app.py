@@ -5,7 +5,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,6 +14,7 @@ import sqlite_utils
 from gradio_client import Client
 
 from kvchat.presets import load_presets
+from conftest import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 FAQ = load_presets()["Acme cloud support faq (long)"]
@@ -43,17 +43,21 @@ def start_app(*args: str, auth: tuple[str, str] | None = None, port: int | None 
         env={**os.environ, "KVCHAT_HOST": "127.0.0.1"},
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 180
-    while True:
+
+    def ready() -> bool:
+        if process.poll() is not None:
+            raise RuntimeError("the app exited")
         try:
-            if Client(url, verbose=False, auth=auth).predict(api_name="/stats")["ready"]:
-                return process, url
+            return Client(url, verbose=False, auth=auth).predict(api_name="/stats")["ready"]
         except Exception:  # noqa: BLE001 - not up yet
-            pass
-        if process.poll() is not None or time.time() > deadline:
-            process.kill()
-            raise RuntimeError(f"app did not start:\n{process.stdout.read() if process.stdout else ''}")
-        time.sleep(1)
+            return False
+
+    try:
+        wait_until(ready, timeout_s=180, interval_s=1, message="the app has loaded its model")
+    except (RuntimeError, pytest.fail.Exception) as err:
+        process.kill()
+        raise RuntimeError(f"app did not start:\n{process.stdout.read() if process.stdout else ''}") from err
+    return process, url
 
 
 def stop_app(process: subprocess.Popen) -> None:
@@ -117,12 +121,12 @@ def test_empty_message_is_refused_and_nothing_is_logged(app):
 
 def logged_rows(db: Path, at_least: int, timeout_s: float = 30) -> list[dict]:
     """The log's rows once it holds `at_least` of them (the writer is asynchronous)."""
-    deadline = time.time() + timeout_s
-    while True:
-        rows = list(sqlite_utils.Database(db).query("select * from requests order by id")) if db.exists() else []
-        if len(rows) >= at_least or time.time() > deadline:
-            return rows
-        time.sleep(0.1)
+    def rows() -> list[dict]:
+        return list(sqlite_utils.Database(db).query("select * from requests order by id")) if db.exists() else []
+
+    wait_until(lambda: len(rows()) >= at_least, timeout_s=timeout_s,
+               message=lambda: f"the log holds {at_least} rows (it holds {len(rows())})")
+    return rows()
 
 
 def test_a_message_longer_than_the_context_is_refused_and_given_back(app):

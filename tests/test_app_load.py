@@ -3,7 +3,6 @@ once, a full queue, a login, SIGTERM. Loopback only, bounded in count and time."
 
 import signal
 import threading
-import time
 
 import pytest
 import sqlite_utils
@@ -13,6 +12,7 @@ import app
 from kvchat import Engine
 from kvchat.config import config_from_args
 from kvchat.startup import BackgroundEngine
+from conftest import wait_until
 from test_app import free_port, run_app, start_app, stop_app
 
 SYSTEM = "You are the helpdesk of a school. Answer in one sentence. " * 4
@@ -81,9 +81,8 @@ def test_16_concurrent_sessions_x_5_turns(tiny_app, tiny_loaded):
     assert samples and all(used <= budget for used, budget in samples)
     for session in range(SESSIONS):
         assert replies[session] == expected_alone(tiny_loaded, session), f"session {session}"
-    deadline = time.time() + 10
-    while sqlite_utils.Database(db)["requests"].count < SESSIONS * TURNS and time.time() < deadline:
-        time.sleep(0.2)
+    wait_until(lambda: sqlite_utils.Database(db)["requests"].count >= SESSIONS * TURNS, timeout_s=10,
+               interval_s=0.2, message=f"the log holds all {SESSIONS * TURNS} rows")  # its writer is asynchronous
     rows = list(sqlite_utils.Database(db).query("select finish_reason, evictions from requests"))
     assert len(rows) == SESSIONS * TURNS
     assert all(r["finish_reason"] in ("stop", "length") for r in rows)
@@ -124,7 +123,8 @@ def test_full_queue_says_busy_and_the_queued_are_served(tiny_loaded, tmp_path):
         running = ask()
         assert reached.wait(60), "the first request never reached the model"
         waiting = ask()
-        wait_until(lambda: engine.stats().waiting == 1, "the second request waits in the engine's queue")
+        wait_until(lambda: engine.stats().waiting == 1, timeout_s=60, interval_s=0.05,
+                   message="the second request waits in the engine's queue")
         refused = [ask() for _ in range(3)]
         for job in refused:
             with pytest.raises(Exception, match="(?i)busy"):
@@ -140,13 +140,6 @@ def test_full_queue_says_busy_and_the_queued_are_served(tiny_loaded, tmp_path):
         hook.remove()
         demo.close()
         engine.close()
-
-
-def wait_until(condition, what: str, timeout_s: float = 60) -> None:
-    deadline = time.time() + timeout_s
-    while not condition():
-        assert time.time() < deadline, f"timed out waiting until {what}"
-        time.sleep(0.05)
 
 
 def test_auth_keeps_strangers_out(tiny_model_dir, tmp_path):

@@ -3,7 +3,6 @@
 import shutil
 import subprocess
 import sys
-import time
 import urllib.request
 
 import pytest
@@ -11,6 +10,7 @@ import sqlite_utils
 from gradio_client import Client
 from playwright.sync_api import Page, sync_playwright
 
+from conftest import wait_until
 from test_app import ROOT, free_port, running_app, stop_app
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -76,9 +76,14 @@ def stored_chats(page: Page) -> dict:
 
 
 def chat_and_keep(page: Page, text: str, max_tokens: int) -> None:
-    """chat_once, then wait for the page to store the conversation with its reply (it does so as
-    the reply ends; a reload in the same instant could still beat it)."""
+    """Send `text`, wait for its reply, then for the page to store both (wait_kept)."""
     chat_once(page, text, max_tokens)
+    wait_kept(page, text)
+
+
+def wait_kept(page: Page, text: str) -> None:
+    """Wait for the page to store the chat holding `text` with its reply (it does so as the reply
+    ends; a reload in the same instant could still beat it)."""
     page.wait_for_function("""(text) => Object.values(JSON.parse(localStorage.getItem('kvchat-chats')).chats)
         .some((chat) => JSON.stringify(chat.history).includes(text) && chat.history.length >= 3)""", arg=text,
                            timeout=10_000)  # fmt: skip
@@ -113,19 +118,18 @@ def test_stop_ends_generation_in_the_engine(page, app):
                            " return r.length && r[r.length - 1].innerText.length >= 30; }", timeout=120_000)
     page.get_by_role("button", name="Stop", exact=True).click()
     client = Client(url, verbose=False)
-    deadline = time.time() + 10
-    while client.predict(api_name="/stats")["busy"]:
-        assert time.time() < deadline, "the engine kept generating after Stop"
-        time.sleep(0.2)
+    wait_until(lambda: not client.predict(api_name="/stats")["busy"], timeout_s=10, interval_s=0.2,
+               message="the engine stops generating after Stop")
     frozen = last_reply_length(page)  # the engine is idle: nothing more can arrive
-    deadline = time.time() + 10
-    while True:
-        last = list(sqlite_utils.Database(db).query("select finish_reason, new_tokens from requests order by id desc limit 1"))
-        if last and last[0]["finish_reason"] == "cancelled":
-            break
-        assert time.time() < deadline, f"no cancelled row: {last}"
-        time.sleep(0.2)
-    assert last[0]["new_tokens"] < 400
+
+    def last_row() -> dict | None:
+        rows = sqlite_utils.Database(db).query("select finish_reason, new_tokens from requests order by id desc limit 1")
+        return next(iter(rows), None)
+
+    last = wait_until(lambda: row if (row := last_row()) and row["finish_reason"] == "cancelled" else None,
+                      timeout_s=10, interval_s=0.2,
+                      message=lambda: f"the log's last row is the stopped reply's (it is {last_row()})")
+    assert last["new_tokens"] < 400
     assert last_reply_length(page) == frozen
 
 
@@ -209,9 +213,7 @@ def test_the_starting_page_turns_into_the_app_by_itself(browser, tmp_path, bundl
     page = browser.new_page()
     try:
         url = f"http://127.0.0.1:{port}/"
-        deadline = time.time() + 60
-        while not page_answers(url) and time.time() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: page_answers(url), timeout_s=60, interval_s=0.05, message="the starting page answers")
         page.goto(url)  # Gradio takes seconds to import: this is the starting page
         assert page.title() == "kvchat: starting" and page.get_by_text("Loading model…").first.is_visible()
         page.get_by_text("✅").first.wait_for(timeout=180_000)  # the same tab, never reloaded by the test

@@ -14,9 +14,10 @@ import sqlite_utils
 from gradio_client import Client
 from playwright.sync_api import Page
 
+from conftest import wait_until
 from test_app import running_app
 from test_browser import (  # noqa: F401 - `browser` is a fixture
-    badges, browser, chat_and_keep, chat_once, message_box, send, set_max_tokens, stored_chats,
+    badges, browser, chat_and_keep, chat_once, message_box, send, set_max_tokens, stored_chats, wait_kept,
 )
 
 LOADED_S = 180
@@ -60,10 +61,8 @@ def user_texts(page: Page) -> list[str]:
 
 def engine_idle(url: str, timeout_s: float = 15) -> None:
     client = Client(url, verbose=False)
-    deadline = time.time() + timeout_s
-    while client.predict(api_name="/stats")["busy"]:
-        assert time.time() < deadline, "the engine kept generating"
-        time.sleep(0.2)
+    wait_until(lambda: not client.predict(api_name="/stats")["busy"], timeout_s=timeout_s, interval_s=0.2,
+               message="the engine stops generating")
 
 
 def row_count(db: Path) -> int:
@@ -71,19 +70,19 @@ def row_count(db: Path) -> int:
 
 
 def settled_rows(url: str, db: Path) -> int:
-    """The log's row count once the engine is idle and every finished request is written."""
+    """The log's row count once the engine is idle and every request it finished is written (the
+    engine logs each request it counts in /stats, on a writer thread)."""
     engine_idle(url)
-    count = -1
-    while count != (count := row_count(db)):
-        time.sleep(0.5)
-    return count
+    client = Client(url, verbose=False)
+    finished = lambda: client.predict(api_name="/stats")["requests"]  # noqa: E731
+    wait_until(lambda: row_count(db) == finished(), timeout_s=20, interval_s=0.2,
+               message=lambda: f"the log holds a row per finished request ({row_count(db)} rows, {finished()} requests)")
+    return row_count(db)
 
 
 def wait_rows(db: Path, at_least: int, timeout_s: float = 20) -> list[dict]:
-    deadline = time.time() + timeout_s
-    while row_count(db) < at_least:
-        assert time.time() < deadline, f"the log has {row_count(db)} rows, not {at_least}"
-        time.sleep(0.2)
+    wait_until(lambda: row_count(db) >= at_least, timeout_s=timeout_s, interval_s=0.2,
+               message=lambda: f"the log holds {at_least} rows (it holds {row_count(db)})")
     return list(sqlite_utils.Database(db).query("select * from requests order by id"))
 
 
@@ -175,12 +174,17 @@ def test_clear_while_streaming_stops_the_engine_and_the_chat_stays_empty(app, co
     engine_idle(url)
     row = wait_rows(db, before + 1)[-1]
     assert row["finish_reason"] == "cancelled" and row["new_tokens"] < 150
-    time.sleep(1.5)  # anything still in flight would have redrawn the chat by now
-    assert session_entries(url) == sessions, "the cleared chat's KV is still cached"
+    # Clear drops the KV once the reply lets go of it, which it has: well within FORGET_WAIT_S (5 s),
+    # after which Clear would drop it without waiting
+    wait_until(lambda: session_entries(url) == sessions, timeout_s=3, interval_s=0.2,
+               message="the cleared chat's KV leaves the cache")
+    # Proving a negative: nothing on the page marks a stream's last frame, and anything still in
+    # flight would have redrawn the chat by now
+    time.sleep(1.5)
     assert turns(page) == [] and no_error_shown(page)
     page.reload()
     page.get_by_text("✅").first.wait_for(timeout=60_000)
-    time.sleep(1)
+    time.sleep(1)  # the page reopens its chat after ✅; a cleared one reopens as nothing, which nothing shows
     assert turns(page) == []
     assert not any("lighthouse" in json.dumps(chat) for chat in stored_chats(page).values())
 
@@ -206,8 +210,7 @@ def test_stop_ten_times_ends_each_reply_as_stopped_with_no_error(app, context):
     before = settled_rows(url, db)  # Stop at once after Send, before the reply can have begun
     send(page, "Write a long story about a river.")
     page.get_by_role("button", name="Stop", exact=True).click()
-    engine_idle(url)
-    time.sleep(1)
+    settled_rows(url, db)  # the engine is idle and each request it ended is logged
     rows = list(sqlite_utils.Database(db).query("select finish_reason from requests where id > ?", [before]))
     assert all(r["finish_reason"] == "cancelled" for r in rows), rows
     assert user_texts(page)[-1] == "Write a long story about a river." and no_error_shown(page)
@@ -218,7 +221,7 @@ def test_typing_while_a_reply_streams_is_kept(app, context):
     page = streaming(context, url, "Describe the sea in a few sentences.", 60, 5)
     message_box(page).type("my next question")
     badges(page).first.wait_for(timeout=120_000)
-    time.sleep(0.5)
+    wait_kept(page, "Describe the sea in a few sentences.")  # the reply's events have ended
     assert message_box(page).input_value() == "my next question"
 
 
@@ -239,6 +242,8 @@ def test_retry_undo_edit_wait_for_the_reply_and_what_a_reload_restores_is_on_scr
     page.wait_for_function("() => document.querySelectorAll('.thought').length === 1", timeout=10_000)
     badges(page).first.wait_for(timeout=60_000)
     engine_idle(url)
+    # let the retry's last frame and save land: a greedy retry redraws the very reply it replaces,
+    # so neither the screen nor the stored chat shows when they have
     time.sleep(1)
     shown = turns(page)
     page.reload()
@@ -268,15 +273,23 @@ def test_an_empty_send_changes_nothing(app, context):
     shown = turns(page)
     send(page, "")
     page.get_by_text("Type a message first").first.wait_for(timeout=10_000)
+    # Proving a negative: the reply event after an empty Send must draw nothing, and nothing on the
+    # page marks its end
     time.sleep(1.5)
     assert turns(page) == shown and page.locator("#kvchat-chats label").filter(has_text="blue flower").count() == 1
     assert any("blue flower" in json.dumps(chat) for chat in stored_chats(page).values())
 
 
+STORED_SINCE = """(since) => Object.values(JSON.parse(localStorage.getItem('kvchat-chats') || '{}').chats || {})
+    .some((chat) => chat.updated_ms > since && chat.history.length >= 2)"""  # a reply, stored after `since`
+
+
 def test_a_reload_mid_reply_keeps_what_was_written(app, context):
     url, _ = app
     page = streaming(context, url, "Write a long story about a copper kettle.", 200, 40)
-    time.sleep(1.5)  # the page stores a streaming reply at least once a second
+    since_ms = page.evaluate("Date.now()")  # 40 characters of the reply are on screen
+    wait_until(lambda: page.evaluate(STORED_SINCE, since_ms), timeout_s=2,
+               message="the page stores the streaming reply (it does so at least once a second)")
     written = turns(page)[-1]
     page.reload()
     page.get_by_text("✅").first.wait_for(timeout=60_000)
@@ -292,7 +305,9 @@ def test_switching_chats_while_a_reply_streams_keeps_each_chat_its_own(app, cont
     page = streaming(context, url, "Write a long story about a brave snail.", 200, 20)
     page.get_by_role("button", name="New chat").click()
     engine_idle(url)  # leaving the chat stopped its reply in the engine
-    time.sleep(1.5)  # anything still in flight would have drawn the old chat here by now
+    # Proving a negative: nothing on the page marks a stream's last frame, and anything still in
+    # flight would have drawn the old chat here by now
+    time.sleep(1.5)
     assert turns(page) == [] and no_error_shown(page)
     (snail,) = [c for c in stored_chats(page).values() if "brave snail" in json.dumps(c)]
     assert [m["role"] for m in snail["history"]] == ["user", "assistant"]  # kept, with what was written
@@ -382,7 +397,8 @@ def test_two_chats_switch_reload_both_intact_and_the_old_one_continues_warm(app,
     chats.filter(has_text="Water").wait_for(timeout=10_000)
     page.once("dialog", lambda dialog: dialog.dismiss())  # Cancel: nothing happens
     page.get_by_role("button", name="Delete this chat").click()
-    time.sleep(1)
+    # a dismissed Delete's events end by saying under the chat how warm it is (the line was empty)
+    page.locator("#kvchat-reply-status").get_by_text("This chat is").wait_for(timeout=10_000)
     assert chats.count() == 2 and user_texts(page) == ["Name three oceans.", "And three seas?"]
     sessions = session_entries(url)
     page.once("dialog", lambda dialog: dialog.accept())
@@ -395,15 +411,18 @@ def test_two_chats_switch_reload_both_intact_and_the_old_one_continues_warm(app,
 
 # --- the stats tab ---
 
+X_AXIS_LABELS = """() => Array.from(document.querySelectorAll('.vega-embed svg')).map((svg) =>
+    Array.from(svg.querySelectorAll('[aria-label^="X-axis"] .role-axis-label text')).map((t) => t.textContent))"""
+
+
 def test_the_stats_plots_count_whole_requests(app, context):
     url, _ = app
     page = open_tab(context, url)
     chat_once(page, "Hello!", 4)
     page.get_by_role("tab", name="Cache stats").click()
     page.wait_for_function("document.querySelectorAll('.vega-embed svg').length >= 3", timeout=30_000)
-    time.sleep(1)
-    axes = page.evaluate("""() => Array.from(document.querySelectorAll('.vega-embed svg')).map((svg) =>
-        Array.from(svg.querySelectorAll('[aria-label^="X-axis"] .role-axis-label text')).map((t) => t.textContent))""")
+    axes = wait_until(lambda: found if len(found := page.evaluate(X_AXIS_LABELS)) >= 3 and all(found) else None,
+                      timeout_s=10, message="every plot has drawn its x axis")
     assert len(axes) >= 3
     for labels in axes:
         assert labels and all(label.replace(",", "").isdigit() for label in labels), labels

@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ from kvchat.engine import Engine
 from kvchat.errors import InputError
 from kvchat.kv.disk.store import DiskStore
 from kvchat.models import weights_identity
+from conftest import wait_until
 
 SYSTEM = "You are the support assistant of Acme Cloud. Answer briefly and politely. " * 12
 ROOT = Path(__file__).resolve().parent.parent
@@ -270,7 +270,8 @@ def test_kill_9_in_the_middle_of_writing_leaves_a_clean_directory(tiny_model_dir
     assert process.stdout is not None
     while not (line := process.stdout.readline()).startswith("REPLY"):  # logging comes first
         assert line, "the child died before replying"
-    time.sleep(0.3)  # writes are under way
+    # one KV file is complete, so the writer has begun; the child's remaining turns keep it writing
+    wait_until(lambda: files_in(tmp_path), timeout_s=60, interval_s=0.02, message="the child has written a KV file")
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     (files_in(tmp_path)[0].parent / "half-written.tmp").write_bytes(b"\x00" * 100)  # as a killed write leaves it
@@ -309,10 +310,7 @@ def test_session_ttl_expires_idle_conversations_in_both_tiers_but_keeps_system_p
     engine = open_engine(tiny_loaded, tmp_path, persist_sessions=True, session_ttl_s=0.3)
     grown(engine, "alice")
     assert engine.has_session("alice")
-    deadline = time.time() + 10
-    while engine.has_session("alice"):
-        assert time.time() < deadline, "the idle conversation was never expired"
-        time.sleep(0.1)
+    wait_until(lambda: not engine.has_session("alice"), timeout_s=10, message="the idle conversation is expired")
     engine.flush_disk()
     assert len(files_in(tmp_path)) == 1  # the system prompt stays
     assert engine.chat("bob", conversation("Hi"), max_new_tokens=4).usage.cache_source == "prefix"

@@ -18,6 +18,7 @@ from kvchat.config import config_from_args
 from kvchat.openai_api import APIError, _Reply, model_id, parse_request, refusal
 from kvchat.startup import BackgroundEngine
 from kvchat.usage_log import UsageLog
+from conftest import wait_until
 from test_app import free_port
 
 MODEL = "SmolLM2-135M-Instruct"
@@ -323,10 +324,8 @@ def test_a_client_that_closes_the_stream_stops_the_engine(served, client):
         if i == 3:
             break
     stream.close()
-    deadline = time.time() + 60
-    while engine.stats().running and time.time() < deadline:
-        time.sleep(0.1)
-    assert engine.stats().running == 0, "the engine kept generating for a client that left"
+    wait_until(lambda: engine.stats().running == 0, timeout_s=60,
+               message="the engine stops generating for the client that left")
     engine.usage_log.flush()
     rows = list(sqlite_utils.Database(db).query("select * from requests order by id desc limit 1"))
     assert sqlite_utils.Database(db)["requests"].count == before + 1
@@ -387,12 +386,10 @@ def test_a_queued_stream_sends_keepalives_and_leaving_the_queue_cancels_it(tiny_
             comment = next(line for line in lines if line)
             assert comment.startswith(": queued") and engine.stats().waiting == 1
         queued = list(engine._scheduler._waiting)  # the model is held, so the engine cannot drop it yet
-        deadline = time.time() + 30
-        while not all(r.generation.cancelled for r in queued) and time.time() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: all(r.generation.cancelled for r in queued), timeout_s=30, interval_s=0.05,
+                   message="the queued request is cancelled once its client has left")
         gate.set()
-        while len(finished) < 2 and time.time() < deadline + 30:
-            time.sleep(0.05)
+        wait_until(lambda: len(finished) >= 2, timeout_s=30, interval_s=0.05, message="both requests have finished")
         left = next(u for u in finished if u.door == "api")
         assert left.finish_reason == "cancelled" and left.new_tokens == 0, "it ran after its client left"
     finally:

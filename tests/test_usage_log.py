@@ -1,5 +1,6 @@
 import os
 import sqlite3
+import threading
 import time
 
 import pytest
@@ -67,14 +68,26 @@ def test_deleted_file_is_recreated_and_later_rows_land(usage_db):
     assert log.rows_written == 3
 
 
-def test_locked_database_waits_for_the_other_writer(usage_db):
+def test_locked_database_waits_for_the_other_writer(usage_db, monkeypatch):
+    inserting = threading.Event()  # set when a connection starts an INSERT: the log's writer, in this test
+    connect = sqlite3.connect
+
+    def traced(*args, **kwargs) -> sqlite3.Connection:
+        conn = connect(*args, **kwargs)
+        conn.set_trace_callback(lambda sql: sql.lstrip().upper().startswith("INSERT") and inserting.set())
+        return conn
+
+    monkeypatch.setattr(sqlite3, "connect", traced)
     log = UsageLog(usage_db)
     log.record(usage())
     assert log.flush()
     blocker = sqlite3.connect(usage_db)
     blocker.execute("begin exclusive")
+    inserting.clear()
     log.record(usage())  # returns at once: the writer thread waits, not the chat
-    time.sleep(1.0)
+    assert inserting.wait(30), "the writer never tried to write the row"
+    # the writer is at the lock: a short look shows it waits there instead of giving up on the row
+    assert not log.flush(timeout_s=0.2), "the row was written or dropped while the other writer held the lock"
     blocker.rollback()
     blocker.close()
     log.close()

@@ -123,7 +123,7 @@ def test_random_operations_never_exceed_the_budget_or_evict_a_pinned_node():
             if t.make_room(size, keep=match.nodes) is not None:  # the parent must survive
                 t.insert("s", owner_of("x"), parent, [rng.randrange(4)], step, size)
         elif action < 0.7 and len(pinned) < 3:
-            nodes = [n for n in t._walk()]
+            nodes = t.nodes()
             if nodes:
                 node = rng.choice(nodes)
                 t.pin([node])
@@ -136,9 +136,9 @@ def test_random_operations_never_exceed_the_budget_or_evict_a_pinned_node():
                 t.reserve(size)
                 t.release(size)
         assert t.used_bytes <= t.budget_bytes
-        live = {id(n) for n in t._walk()}
+        live = {id(n) for n in t.nodes()}
         assert all(id(node) in live for node in pinned)  # never evicted under a running request
-        assert t.node_bytes == sum(n.nbytes for n in t._walk())
+        assert t.node_bytes == sum(n.nbytes for n in t.nodes() if n.in_memory)
 
 
 def test_inserting_under_an_evicted_node_is_refused():
@@ -289,3 +289,57 @@ def test_gdsf_keeps_deep_runs_whose_recompute_costs_more_per_byte():
     t.touch([deep]), t.touch([shallow])
     assert first_victim(t, 800_000) == key_of(shallow)  # LRU would take `deep`, the older one
     assert t.inflation > 0  # the clock rose to the victim's value: old value fades
+
+
+class WalkingTree(KVTree):
+    """The oracle: every victim by a walk over the whole tree, the lowest `policy` among the nodes
+    eviction may take (what the tree did before its heap)."""
+
+    def _lowest(self, victims, verdict):
+        victim = min((n for n in self.nodes() if verdict(n) == "victim"), key=self.policy)
+        self.inflation = max(self.inflation, self.policy(victim)[0])
+        return victim
+
+
+@pytest.mark.parametrize("name", ["lru", "lfu", "fifo", "lru-2", "gdsf"])
+def test_the_victim_heap_evicts_exactly_what_a_walk_of_the_whole_tree_would(name):
+    from kvchat.kv.eviction import policy_named
+
+    def replay(kind):
+        rng, ticks = random.Random(7), iter(range(1, 10**6))
+        t = kind(600, clock=lambda: next(ticks), policy=policy_named(name), disk_budget_bytes=400,
+                 on_forget=lambda key: None)
+        states, pinned = [], []
+        for step in range(1500):
+            action = rng.random()
+            match = t.match("s", owners_for("x"), [rng.randrange(3) for _ in range(5)], 5)
+            if action < 0.1:
+                t.touch(match.nodes + ([match.partial] if match.partial is not None else []))  # reused, nothing new
+            elif action < 0.45:
+                parent = match.nodes[-1] if match.nodes else None
+                size = rng.randrange(1, 120)
+                t.touch(match.nodes)
+                if t.make_room(size, keep=match.nodes) is not None:
+                    node = t.insert("s", owner_of("x"), parent, [rng.randrange(3), step], f"run {step}", size)
+                    if rng.random() < 0.5 and t.make_disk_room(size, keep=[node]) is not None:
+                        if t.start_write(node, f"key {step}"):
+                            t.write_done(node, ok=rng.random() < 0.9)
+            elif action < 0.6 and match.partial is not None and match.partial.in_memory and not match.partial.pins:
+                t.split(match.partial, match.partial_tokens, lambda p: (p + " head", 1, p + " tail", 1))
+            elif action < 0.7 and len(pinned) < 3:
+                nodes = [n for n in t.nodes() if n.in_memory]
+                if nodes:
+                    pinned.append(rng.choice(nodes))
+                    t.pin([pinned[-1]])
+            elif action < 0.8 and pinned:
+                t.unpin([pinned.pop(rng.randrange(len(pinned)))])
+            elif action < 0.85:
+                t.drop_idle(rng.randrange(50, 400))
+            else:
+                t.make_room(rng.randrange(1, 400))
+            states.append(sorted((n.payload or "", n.disk) for n in t.nodes()))
+        return states, t.evictions, t.disk_evictions
+
+    heap, walk = replay(KVTree), replay(WalkingTree)
+    assert heap[1] > 50 and heap[2] > 5, "the replay must evict from both tiers to test anything"
+    assert heap == walk

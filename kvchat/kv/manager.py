@@ -304,7 +304,7 @@ class KVManager:
         """The system prompt's buffer is full: it becomes a shared node (no copy)."""
         buffer = kv.publish
         assert buffer is not None
-        run = KVRun(buffer.keys, buffer.values)
+        run = buffer.as_run()
         parent = kv.nodes[-1] if kv.nodes else None
         start = sum(len(node.token_ids) for node in kv.nodes)
         ids = kv.token_ids[start : start + buffer.num_tokens]

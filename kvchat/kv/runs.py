@@ -76,6 +76,11 @@ class RowBuffer:
             mine[:, self.num_tokens : end].copy_(theirs[:, :num_tokens])
         self.num_tokens = end
 
+    def as_run(self) -> KVRun:
+        """The buffer, full, as a run of its own tensors (no copy): a published system prompt."""
+        assert self.num_tokens == self.capacity_tokens
+        return KVRun(self.keys, self.values)
+
     def take_run(self, num_tokens: int | None = None, start: int = 0) -> KVRun:
         """Turn `num_tokens` positions (all it holds by default) from `start` into an exact-size
         run, one tensor at a time, freeing each buffer tensor as soon as it is copied: at most

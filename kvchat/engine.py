@@ -161,7 +161,7 @@ class Engine:
         recorded in the usage log."""
         arrived_s, arrived = time.time(), time.perf_counter()
         if session_id is not None and (not isinstance(session_id, str) or not session_id.strip()):
-            raise InputError("a session id must be a non-empty string (or None for a stateless request)")
+            raise InputError("a session id must be a non-empty string (or None for a stateless request)", "session_id")
         if cache_salt is not None and not isinstance(cache_salt, str):
             raise InputError(f"cache_salt must be a string, not {type(cache_salt).__name__}", "cache_salt")
         salt = self._salt if cache_salt is None else cache_salt

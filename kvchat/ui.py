@@ -104,7 +104,7 @@ def build_ui(holder: BackgroundEngine, config: Config) -> gr.Blocks:
             lambda: gr.Timer(active=True), outputs=stats_timer, api_visibility="private"
         )
         chat_tab.select(lambda: gr.Timer(active=False), outputs=stats_timer, api_visibility="private")
-        gr.api(_stats_api(holder), api_name="stats")
+        gr.api(stats_handlers.stats, api_name="stats")
         gr.api(handlers.api_chat, api_name="chat", concurrency_limit=None)
     return demo
 
@@ -163,33 +163,6 @@ def _wire_chat(handlers: Handlers, c: dict[str, Any]) -> None:
     found = c["demo"].load(handlers.legacy, c["legacy"], c["found"], **now)
     opened(found.then(None, [c["found"], system], [chatbot, system, index, c["visitor"]],
                       js="(old, s) => window.kvchat.boot(old, s)", **private))  # fmt: skip
-
-
-def _stats_api(holder: BackgroundEngine):
-    def stats() -> dict:
-        """Live cache numbers (what the stats panel shows) as JSON."""
-        engine = holder.peek()
-        if engine is None:
-            return {"ready": False}
-        s = engine.stats()
-        return {
-            "ready": True, "busy": s.busy, "budget_bytes": s.budget_bytes, "used_bytes": s.used_bytes,
-            "requests": s.requests, "hits": s.hits, "misses": s.misses, "evictions": s.evictions,
-            "not_admitted": s.not_admitted, "running": s.running, "waiting": s.waiting,
-            "running_bytes": s.running_bytes, "shared_bytes": s.shared_bytes, "private_bytes": s.private_bytes,
-            "pinned_bytes": s.pinned_bytes, "token_hit_rate": s.token_hit_rate, "eviction": engine.eviction,
-            "demotions": s.demotions, "disk_budget_bytes": s.disk_budget_bytes, "disk_bytes": s.disk_bytes,
-            "disk_file_bytes": s.disk_file_bytes, "disk_evictions": s.disk_evictions, "disk_reads": s.disk_reads,
-            "disk_problem": s.disk_problem,
-            "warmups": [{"preset": w.title, "tokens": w.num_tokens, "pinned": w.pinned, "done": w.done,
-                         "disk_tokens": w.disk_tokens, "ms": round(w.ms)} for w in s.warmups],
-            "entries": [{"kind": e.kind, "tokens": e.num_tokens, "nbytes": e.nbytes, "hits": e.hits,
-                         "sessions": e.sessions, "in_use": e.pinned, "tier": e.tier, "on_disk": e.on_disk}
-                        for e in s.entries],
-        }  # fmt: skip
-
-    return stats
-
 
 
 def browser_secret(home: Path) -> str:

@@ -54,6 +54,10 @@ class StatsHandlers:
         still_warming = any(not w.done and not w.error for w in stats.warmups)
         return text, gr.Timer(active=still_warming)
 
+    def stats(self) -> dict:
+        """Live cache numbers (what the stats panel shows) as JSON."""
+        return panel.stats_json(self.holder.peek())
+
     def refresh_stats(self) -> tuple[Any, ...]:
         """Panel text, the budget map, entries, recent requests, then the three plots (from the usage log)."""
         engine = self.holder.peek()

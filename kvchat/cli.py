@@ -3,7 +3,7 @@ background, then the Gradio app.
 
 Order matters on two cores: Gradio takes seconds to import and torch with transformers as long
 again, so nothing slow is imported here. The starting page answers first, the engine begins to
-load in a thread, and only then is the app (Gradio) imported in this one.
+load in a thread, and only then is the server (kvchat.server, which imports Gradio) imported in this one.
 """
 
 from __future__ import annotations
@@ -42,9 +42,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.info("page up at http://%s:%d/ after %.2f s; loading the model and the app", config.host, config.port,
              time.perf_counter() - started)  # fmt: skip
     holder = BackgroundEngine(lambda: load_engine(config))
-    import app  # Gradio: seconds to import, while the page above already answers
+    from kvchat.server import serve  # Gradio: seconds to import, while the page above already answers
 
-    return app.serve(holder, config, first_page)
+    return serve(holder, config, first_page)
 
 
 def load_engine(config: Config) -> Engine:
@@ -52,14 +52,9 @@ def load_engine(config: Config) -> Engine:
     from kvchat.presets import load_presets
 
     return Engine.load(
-        model=config.model, device=config.device, dtype=config.dtype, attention=config.attention,
-        quantize=config.quantize,
-        cache_budget="auto" if config.cache_budget_bytes is None else config.cache_budget_bytes,
-        usage_db=config.usage_db, store_text=config.store_text, prefix_salt=config.prefix_salt,
-        home=config.home, max_batch=config.max_batch, max_waiting=config.max_queue, eviction=config.eviction,
-        disk_dir=config.disk_path, disk_budget=config.disk_budget_bytes,
-        persist_sessions=config.persist_sessions, session_ttl_s=config.session_ttl_s,
-        presets=load_presets(extra=config.preset_files),
+        model=config.model, device=config.device, dtype=config.dtype, quantize=config.quantize,
+        cache_budget=config.cache_budget_bytes, usage_db=config.usage_db, store_text=config.store_text,
+        home=config.home, presets=load_presets(extra=config.preset_files), options=config.engine_options(),
     )  # fmt: skip
 
 

@@ -1,4 +1,4 @@
-"""What the stats panel and the per-reply badge say, computed from engine state and the usage log.
+"""What the stats panel, the per-reply badge and the /stats API say, from engine state and the usage log.
 
 Pure formatting: no model, no Gradio. Live numbers come from `CacheStats`, history from SQLite
 (`UsageSummary`), so a restart keeps the history while the live part starts empty.
@@ -7,7 +7,8 @@ Pure formatting: no model, no Gradio. Live numbers come from `CacheStats`, histo
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from dataclasses import fields
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
@@ -15,6 +16,7 @@ from kvchat.config import format_bytes
 from kvchat.records import CacheSource, Usage
 
 if TYPE_CHECKING:
+    from kvchat.engine import Engine
     from kvchat.records import CachedTokens, CacheStats, Warmup
     from kvchat.usage_log import UsageSummary
 
@@ -197,3 +199,35 @@ def ttft_frame(rows: list[dict] | None) -> pd.DataFrame:
         for r in _finished(rows) if r["ttft_ms"]
     ]  # fmt: skip
     return pd.DataFrame(points, columns=["request", "TTFT ms", "cache"])
+
+
+# The /stats JSON: every CacheStats counter under its field's name, but these, which it has never
+# carried (the panel shows them), and the two lists, whose records it spells its own way. Of a
+# record, only the fields named here go out: a node's others are internals (its key, its parent's,
+# when it was made), and a new one is published only by adding it here.
+STATS_JSON_LEFT_OUT = frozenset({"prompt_tokens", "cached_tokens", "disk_read_tokens", "attention", "entries",
+                                 "warmups"})  # fmt: skip
+ENTRY_JSON = {"kind": "kind", "num_tokens": "tokens", "nbytes": "nbytes", "hits": "hits",
+              "sessions": "sessions", "pinned": "in_use", "tier": "tier", "on_disk": "on_disk"}  # fmt: skip
+WARMUP_JSON = {"title": "preset", "num_tokens": "tokens", "pinned": "pinned", "done": "done",
+               "disk_tokens": "disk_tokens", "ms": "ms"}  # fmt: skip
+
+
+def stats_json(engine: Engine | None) -> dict[str, Any]:
+    """What the /stats API answers: the live cache numbers the panel shows, `{"ready": False}` while
+    the model loads. A counter added to CacheStats appears here under its own name; the keys and
+    values clients read today stay as they are (it is a public API)."""
+    if engine is None:
+        return {"ready": False}
+    stats = engine.stats()
+    counters = {f.name: getattr(stats, f.name) for f in fields(stats) if f.name not in STATS_JSON_LEFT_OUT}
+    return {
+        "ready": True, "busy": stats.busy, **counters, "token_hit_rate": stats.token_hit_rate,
+        "eviction": engine.eviction,
+        "warmups": [_named(w, WARMUP_JSON) | {"ms": round(w.ms)} for w in stats.warmups],
+        "entries": [_named(e, ENTRY_JSON) for e in stats.entries],
+    }  # fmt: skip
+
+
+def _named(record: object, keys: dict[str, str]) -> dict[str, Any]:
+    return {key: getattr(record, name) for name, key in keys.items()}

@@ -12,8 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import app
-from kvchat import Engine
+from kvchat import Engine, server
 from kvchat.config import config_from_args
 from kvchat.openai_api import model_id
 from kvchat.startup import BackgroundEngine
@@ -88,7 +87,7 @@ body = (valid | one_bad | anything).map(bounded)
 def url(tiny_loaded):
     engine = Engine(tiny_loaded, cache_budget_bytes=64 * 2**20)
     config = config_from_args(["--port", str(free_port()), "--usage-db", "none", "--disk-budget", "0"])
-    demo, local_url, _ = app.launch(BackgroundEngine(lambda: engine), config)
+    demo, local_url, _ = server.launch(BackgroundEngine(lambda: engine), config)
     yield local_url.rstrip("/")
     demo.close()
     engine.close()

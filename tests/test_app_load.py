@@ -8,8 +8,7 @@ import pytest
 import sqlite_utils
 from gradio_client import Client
 
-import app
-from kvchat import Engine
+from kvchat import Engine, server
 from kvchat.config import config_from_args
 from kvchat.startup import BackgroundEngine
 from conftest import wait_until
@@ -116,7 +115,7 @@ def test_full_queue_says_busy_and_the_queued_are_served(tiny_loaded, tmp_path):
 
     engine = Engine(tiny_loaded, cache_budget_bytes=2**24, max_batch=1, max_waiting=1)
     config = config_from_args(["--max-queue", "1", "--port", str(free_port()), "--usage-db", str(tmp_path / "u.db")])
-    demo, url, _ = app.launch(BackgroundEngine(lambda: engine), config)
+    demo, url, _ = server.launch(BackgroundEngine(lambda: engine), config)
     hook = tiny_loaded.model.register_forward_pre_hook(hold, with_kwargs=True)
     try:
         ask = lambda: Client(url, verbose=False).submit("Tell me a story.", [], "", 4, 0.0, 1.0, api_name="/chat")  # noqa: E731

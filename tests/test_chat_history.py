@@ -7,13 +7,13 @@ import threading
 import pandas as pd
 import pytest
 
-import app
 from kvchat import stats as panel
 from kvchat.chat import content_text
 from kvchat.chat_history import kept_history, model_messages, text_message
 from kvchat.generation import Generation
 from kvchat.tab_replies import TabReplies
 from kvchat.records import Usage
+from kvchat.ui_chat import Frame, Handlers, ReplySettings, queue_words
 
 SYSTEM = "You are terse."
 
@@ -23,9 +23,9 @@ def badge() -> dict:
             "metadata": {"title": "⚡ 52 prompt tokens · 40 reused from this session", "status": "done"}}  # fmt: skip
 
 
-# Every status the page has shown: today's live in the status line (app.queue_words, the loading
+# Every status the page has shown: today's live in the status line (queue_words, the loading
 # line); older kvchat wrote these into the reply itself, and browsers may still hold them.
-STATUSES = [app.queue_words(2), app.queue_words(0), "⏳ Loading the model… the reply follows."]
+STATUSES = [queue_words(2), queue_words(0), "⏳ Loading the model… the reply follows."]
 
 
 def test_the_model_sees_turns_only_never_a_badge_or_a_status():
@@ -64,7 +64,7 @@ def test_the_page_reads_content_as_the_engine_does_and_never_refuses_what_a_brow
 
 
 def test_a_saved_history_drops_statuses_and_junk_and_keeps_badges():
-    saved = [text_message("user", "Hi"), text_message("assistant", app.queue_words(3)), "junk", {"role": "tool"},
+    saved = [text_message("user", "Hi"), text_message("assistant", queue_words(3)), "junk", {"role": "tool"},
              text_message("assistant", "Hello!"), badge()]  # fmt: skip
     assert kept_history(saved) == [text_message("user", "Hi"), text_message("assistant", "Hello!"), badge()]
     assert kept_history("not a list") == []
@@ -85,16 +85,16 @@ def test_the_page_never_puts_a_status_in_the_message_list():
             return self.generation
 
     engine = Queued()
-    handlers = app.Handlers(Holder(engine), config=None)
+    handlers = Handlers(Holder(engine))
     request = Request("tab-1")
     reply = handlers.replies.start("tab-1")
-    frames = handlers._reply(history, app.ReplySettings(SYSTEM, 16, 0.0, 1.0), "s", reply, give_back="x")
+    frames = handlers._reply(history, ReplySettings(SYSTEM, 16, 0.0, 1.0), "s", reply, give_back="x")
     seen = [next(frames), next(frames)]
     engine.generation.ahead = 0
     handlers.stop(request)
     engine.generation.finish(Usage(ts=0.0, session="", model="m", prompt_tokens=9, finish_reason="cancelled"))
     seen += list(frames)
-    assert [f.status for f in seen[:2]] == [app.queue_words(0)] * 2
+    assert [f.status for f in seen[:2]] == [queue_words(0)] * 2
     assert all(f.history == history for f in seen), "a status or an empty reply reached the message list"
     assert seen[-1].status == "" and len(handlers.replies) == 0
 
@@ -110,13 +110,13 @@ def test_a_reply_whose_tab_moved_to_another_chat_draws_nothing_more():
         def stream(self, *args, **kwargs) -> Generation:
             return engine_generation
 
-    handlers = app.Handlers(Holder(Queued()), config=None)
+    handlers = Handlers(Holder(Queued()))
     reply = handlers.replies.start("tab-1")
-    frames = handlers._reply([text_message("user", "Hi")], app.ReplySettings("", 16, 0.0, 1.0), "s", reply, None)
+    frames = handlers._reply([text_message("user", "Hi")], ReplySettings("", 16, 0.0, 1.0), "s", reply, None)
     next(frames)  # queued
     handlers.leave(Request("tab-1"))
     engine_generation.finish(Usage(ts=0.0, session="", model="m", prompt_tokens=3, finish_reason="cancelled"))
-    assert list(frames) == [app.Frame(None, None)] and engine_generation.cancelled  # the page is left as it is
+    assert list(frames) == [Frame(None, None)] and engine_generation.cancelled  # the page is left as it is
 
 
 class Holder:

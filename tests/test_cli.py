@@ -1,5 +1,6 @@
 """The launcher: a page at once, nothing slow on the way to it, a clear word when the port is taken."""
 
+import ast
 import json
 import socket
 import subprocess
@@ -18,6 +19,20 @@ def test_the_way_to_the_first_page_imports_no_torch_transformers_or_gradio():
             "print([m for m in ('torch', 'transformers', 'gradio', 'plotly') if m in sys.modules])")  # fmt: skip
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_the_package_never_imports_the_entry_point_and_the_entry_point_still_offers_the_app():
+    """app.py sits on top of kvchat: a module of the package importing it back would be a cycle."""
+    for path in (ROOT / "kvchat").rglob("*.py"):
+        nodes = list(ast.walk(ast.parse(path.read_text())))
+        imported = {a.name for n in nodes if isinstance(n, ast.Import) for a in n.names}
+        imported |= {n.module for n in nodes if isinstance(n, ast.ImportFrom) and n.module}
+        assert "app" not in imported, path
+    import app
+    from kvchat import server, ui, ui_chat
+
+    assert (app.launch, app.serve, app.build_ui, app.Handlers) == (server.launch, server.serve, ui.build_ui,
+                                                                    ui_chat.Handlers)  # fmt: skip
 
 
 def test_the_first_page_says_loading_and_api_callers_get_a_503_to_retry():

@@ -12,8 +12,7 @@ import pytest
 import sqlite_utils
 from prometheus_client.parser import text_string_to_metric_families
 
-import app
-from kvchat import Busy, Engine, InputError, openai_api
+from kvchat import Busy, Engine, InputError, openai_api, server
 from kvchat.config import config_from_args
 from kvchat.openai_api import APIError, _Reply, model_id, parse_request, refusal
 from kvchat.startup import BackgroundEngine
@@ -123,7 +122,7 @@ def served(bundled_loaded, tmp_path_factory):
     demos, urls = [], []
     for extra in ([], ["--api-key", KEY]):
         config = config_from_args(["--port", str(free_port()), "--disk-budget", "0", *extra])
-        demo, url, _ = app.launch(holder, config)
+        demo, url, _ = server.launch(holder, config)
         demos.append(demo)
         urls.append(url.rstrip("/"))
     yield engine, urls[0], urls[1], folder / "u.db"
@@ -283,7 +282,7 @@ def test_health_is_503_while_the_model_loads_and_200_once_it_serves(tiny_loaded)
 
     holder = BackgroundEngine(load)
     config = config_from_args(["--port", str(free_port()), "--usage-db", "none", "--disk-budget", "0"])
-    demo, url, _ = app.launch(holder, config)
+    demo, url, _ = server.launch(holder, config)
     url = url.rstrip("/")
     try:
         loading = httpx.get(url + "/health", timeout=30)
@@ -373,7 +372,7 @@ def test_a_queued_stream_sends_keepalives_and_leaving_the_queue_cancels_it(tiny_
     finished = []
     engine.add_listener(finished.append)
     config = config_from_args(["--port", str(free_port()), "--usage-db", "none", "--disk-budget", "0"])
-    demo, url, _ = app.launch(BackgroundEngine(lambda: engine), config)
+    demo, url, _ = server.launch(BackgroundEngine(lambda: engine), config)
     hook = tiny_loaded.model.register_forward_pre_hook(hold, with_kwargs=True)
     running = threading.Thread(target=lambda: engine.chat(None, [{"role": "user", "content": "Go."}], max_new_tokens=2))
     try:

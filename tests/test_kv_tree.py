@@ -5,6 +5,7 @@ import random
 import pytest
 
 from kvchat.kv.scope import SHARED, STATELESS, owner_of, owners_for
+from kvchat.kv.node import display_key
 from kvchat.kv.tree import KVTree
 
 
@@ -309,7 +310,7 @@ def test_the_victim_heap_evicts_exactly_what_a_walk_of_the_whole_tree_would(name
         rng, ticks = random.Random(7), iter(range(1, 10**6))
         t = kind(600, clock=lambda: next(ticks), policy=policy_named(name), disk_budget_bytes=400,
                  on_forget=lambda key: None)
-        states, pinned = [], []
+        states, pinned, writing = [], [], []
         for step in range(1500):
             action = rng.random()
             match = t.match("s", owners_for("x"), [rng.randrange(3) for _ in range(5)], 5)
@@ -323,8 +324,12 @@ def test_the_victim_heap_evicts_exactly_what_a_walk_of_the_whole_tree_would(name
                     node = t.insert("s", owner_of("x"), parent, [rng.randrange(3), step], f"run {step}", size)
                     if rng.random() < 0.5 and t.make_disk_room(size, keep=[node]) is not None:
                         if t.start_write(node, f"key {step}"):
-                            t.write_done(node, ok=rng.random() < 0.9)
-            elif action < 0.6 and match.partial is not None and match.partial.in_memory and not match.partial.pins:
+                            writing.append(node)  # the writer finishes it (or fails) later
+            elif action < 0.52 and writing:
+                t.write_done(writing.pop(rng.randrange(len(writing))), ok=rng.random() < 0.8)
+            elif action < 0.55:
+                t.make_disk_room(rng.randrange(1, 300))
+            elif action < 0.62 and match.partial is not None and match.partial.in_memory and not match.partial.pins:
                 t.split(match.partial, match.partial_tokens, lambda p: (p + " head", 1, p + " tail", 1))
             elif action < 0.7 and len(pinned) < 3:
                 nodes = [n for n in t.nodes() if n.in_memory]
@@ -343,3 +348,32 @@ def test_the_victim_heap_evicts_exactly_what_a_walk_of_the_whole_tree_would(name
     heap, walk = replay(KVTree), replay(WalkingTree)
     assert heap[1] > 50 and heap[2] > 5, "the replay must evict from both tiers to test anything"
     assert heap == walk
+
+
+def test_a_stored_run_becomes_a_disk_victim_again_when_the_copies_below_it_go():
+    """A run the disk heap passed over (a copy below it) is found again when that copy fails to
+    be written, or leaves with a run dropped from memory."""
+    t = KVTree(10_000, clock=iter(range(1, 10**6)).__next__, disk_budget_bytes=300, on_forget=lambda key: None)
+
+    def stored(parent, ids, nbytes):
+        node = t.insert("s", SHARED, parent, ids, f"run {ids}", nbytes)
+        assert t.start_write(node, f"key {ids}")
+        t.write_done(node, ok=True)
+        return node
+
+    old, newer = stored(None, [1], 100), stored(None, [9], 100)
+    below = t.insert("s", SHARED, old, [2], "being written", 100)
+    assert t.start_write(below, "key [2]")
+    assert [e.key for e in t.make_disk_room(100)] == [display_key(newer)]  # `old` is passed over
+    t.write_done(below, ok=False)
+    assert [e.key for e in t.make_disk_room(250)] == [display_key(old)]
+
+    t = KVTree(10_000, clock=iter(range(1, 10**6)).__next__, disk_budget_bytes=300, on_forget=lambda key: None)
+    top, other = stored(None, [1], 100), stored(None, [9], 100)
+    middle = t.insert("s", SHARED, t.insert("s", SHARED, top, [2], "no copy", 10), [3], "no copy either", 10)
+    deep = stored(middle, [4], 100)
+    assert [e.key for e in t.make_disk_room(100)] == [display_key(other)]  # `top` is passed over
+    t.budget_bytes = t.node_bytes  # room in memory now means evicting
+    t.make_room(110, keep=[top, other])  # `deep` is demoted, then `middle` dropped: `deep`'s copy goes
+    assert deep.parent is None and not top.children[0].children
+    assert [e.key for e in t.make_disk_room(250)] == [display_key(top)]

@@ -108,18 +108,18 @@ class KVTree(DiskCopies[P]):
             return Match(nodes, pos)
 
     def entries(self) -> list[NodeInfo]:
-        """Every node, most recently used first (one walk: sessions under a node are counted once)."""
+        """Every node, most recently used first (ties in walk order). Sessions under a node are
+        counted in one pass, children before parents."""
         with self._lock:
-            sessions: dict[int, set[str]] = {}
-            infos = []
-            for node in sorted(self._walk(), key=lambda n: n.depth_tokens, reverse=True):
-                owners = sessions.setdefault(id(node), set())
+            walked = list(self._walk())
+            owners: dict[int, set[str]] = {id(node): set() for node in walked}
+            for node in sorted(walked, key=lambda n: n.depth_tokens, reverse=True):
                 if node.owner != SHARED:
-                    owners.add(node.owner)
-                if node.parent is not None:
-                    sessions.setdefault(id(node.parent), set()).update(owners)
-                infos.append(info(node, len(owners)))
-        return sorted(infos, key=lambda info: info.last_used_s, reverse=True)
+                    owners[id(node)].add(node.owner)
+                if id(node.parent) in owners:
+                    owners[id(node.parent)] |= owners[id(node)]
+            infos = [info(node, len(owners[id(node)])) for node in walked]
+        return sorted(infos, key=lambda entry: entry.last_used_s, reverse=True)
 
     def nodes(self) -> list[Node[P]]:
         """Every node, parents before children."""
@@ -364,6 +364,7 @@ class KVTree(DiskCopies[P]):
         assert node.parent is not None
         node.parent.children.remove(node)
         self._offer_parent(node)
+        self._offer_stored_ancestor(node)  # copies below it go too
         stack = [node]
         while stack:
             current = stack.pop()

@@ -107,19 +107,24 @@ class DiskCopies(Generic[P]):
             else:
                 self._disk_bytes -= node.nbytes
                 node.disk, node.disk_key = "", ""
+                self._offer_stored_ancestor(node)
 
     def _drop_disk_copy(self, node: Node[P]) -> None:
         self._disk_bytes -= node.nbytes
         if node.disk == "writing":
             self._writing_bytes -= node.nbytes
         key, node.disk, node.disk_key = node.disk_key, "", ""
-        ancestor = node.parent  # the nearest stored ancestor may now be a disk leaf
+        self._offer_stored_ancestor(node)
+        if self.on_forget is not None:
+            self.on_forget(key)
+
+    def _offer_stored_ancestor(self, node: Node[P]) -> None:
+        """A copy at or below `node` went: the nearest stored ancestor may now be a disk leaf."""
+        ancestor = node.parent
         while ancestor is not None and ancestor.parent is not None and ancestor.disk != "stored":
             ancestor = ancestor.parent
         if ancestor is not None and ancestor.parent is not None:
             self._disk.offer(ancestor)
-        if self.on_forget is not None:
-            self.on_forget(key)
 
     # provided by KVTree
     def _parent_for(self, scope: str, parent: Node[P] | None) -> Node[P]: ...

@@ -293,13 +293,22 @@ def test_gdsf_keeps_deep_runs_whose_recompute_costs_more_per_byte():
 
 
 class WalkingTree(KVTree):
-    """The oracle: every victim by a walk over the whole tree, the lowest `policy` among the nodes
-    eviction may take (what the tree did before its heap)."""
+    """The oracle: each victim found by a walk over the whole tree, the lowest `policy` among the
+    nodes eviction may take once the ones chosen before it are gone (what the tree did before its
+    heap)."""
 
-    def _lowest(self, victims, verdict):
-        victim = min((n for n in self.nodes() if verdict(n) == "victim"), key=self.policy)
-        self.inflation = max(self.inflation, self.policy(victim)[0])
-        return victim
+    def _choose(self, victims, need, verdict, above):
+        chosen, gone = [], set()
+        while need > 0:
+            candidates = [node for node in self.nodes() if verdict(node, gone) == "victim"]
+            if not candidates:
+                return None
+            chosen.append(min(candidates, key=self.policy))
+            gone.add(id(chosen[-1]))
+            need -= chosen[-1].nbytes
+        for node in chosen:
+            self.inflation = max(self.inflation, self.policy(node)[0])
+        return chosen
 
 
 @pytest.mark.parametrize("name", ["lru", "lfu", "fifo", "lru-2", "gdsf"])
@@ -343,10 +352,10 @@ def test_the_victim_heap_evicts_exactly_what_a_walk_of_the_whole_tree_would(name
             else:
                 t.make_room(rng.randrange(1, 400))
             states.append(sorted((n.payload or "", n.disk) for n in t.nodes()))
-        return states, t.evictions, t.disk_evictions
+        return states, t.evictions, t.disk_evictions, t.refused
 
     heap, walk = replay(KVTree), replay(WalkingTree)
-    assert heap[1] > 50 and heap[2] > 5, "the replay must evict from both tiers to test anything"
+    assert heap[1] > 50 and heap[2] > 5 and heap[3] > 5, "the replay must evict from both tiers, and refuse"
     assert heap == walk
 
 

@@ -64,16 +64,13 @@ class Match(Generic[P]):
         return [node for node in nodes if not node.in_memory]
 
 
-def memory_leaf(node: Node) -> bool:
-    return node.in_memory and not any(child.in_memory for child in node.children)
-
-
-def disk_leaf(node: Node) -> bool:
-    """No node below has a disk copy (a parent's copy outlives its children's)."""
+def disk_leaf(node: Node, gone: set[int] = frozenset()) -> bool:  # type: ignore[assignment]
+    """No node below has a disk copy (a parent's copy outlives its children's), not counting the
+    nodes in `gone` (chosen to go)."""
     stack = list(node.children)
     while stack:
         current = stack.pop()
-        if current.disk:
+        if current.disk and id(current) not in gone:
             return False
         stack.extend(current.children)
     return True

@@ -12,7 +12,8 @@ byte count. Matching compares token ids, never a hash alone. The tree is torch-f
 are testable without a model:
 - nodes used by a running request are pinned and never evicted;
 - eviction takes the unpinned leaf the policy ranks lowest (`eviction.py`; LRU by default), again
-  and again, found through a heap (`eviction.Victims`), not a walk;
+  and again, chosen through a heap (`eviction.Victims`) without a walk of the tree: an admission
+  that evicts k runs costs O(k log n), and one that cannot fit costs a pass over what may go;
 - room that cannot be made (pinned bytes and running reservations leave too little) evicts nothing;
 - bytes of idle nodes plus bytes reserved by running requests never exceed the budget; every byte
   count is a running sum, kept as nodes come and go.
@@ -37,7 +38,7 @@ from typing import TypeVar
 
 from kvchat.kv.disk.copies import DiskCopies
 from kvchat.kv.eviction import Policy, Verdict, Victims, lru
-from kvchat.kv.node import Match, Node, best_child, display_key, info, memory_leaf, movable
+from kvchat.kv.node import Match, Node, best_child, display_key, info, movable
 from kvchat.kv.scope import SHARED
 from kvchat.records import Eviction, NodeInfo
 
@@ -178,21 +179,19 @@ class KVTree(DiskCopies[P]):
             if need <= 0:
                 return []
             kept = {id(node) for node in keep}
-            evictable = self._reachable_bytes(lambda n: not n.in_memory or movable(n, kept), lambda n: n.in_memory)
-            if evictable < need:
-                self.refused += 1
-                return None
 
-            def verdict(node: Node[P]) -> Verdict:
-                if node.parent is None or not memory_leaf(node):
+            def verdict(node: Node[P], gone: set[int]) -> Verdict:
+                if node.parent is None or not node.in_memory or id(node) in gone:
                     return "never"
+                if any(child.in_memory and id(child) not in gone for child in node.children):
+                    return "never"  # offered again when its last child in memory goes
                 return "victim" if movable(node, kept) else "not now"
 
-            evicted: list[Eviction] = []
-            while need > 0:
-                leaf = self._lowest(self._memory, verdict)
-                need -= leaf.nbytes
-                evicted.append(self._evict_from_memory(leaf))
+            chosen = self._choose(self._memory, need, verdict, lambda node: node.parent)
+            if chosen is None:
+                self.refused += 1
+                return None
+            evicted = [self._evict_from_memory(node) for node in chosen]
             self.evictions += len(evicted)
             return evicted
 
@@ -313,12 +312,29 @@ class KVTree(DiskCopies[P]):
         if node.disk == "stored":
             self._disk.offer(node)
 
-    def _lowest(self, victims: Victims[Node[P]], verdict: Callable[[Node[P]], Verdict]) -> Node[P]:
-        """The candidate the policy ranks lowest; its first priority becomes the inflation clock."""
-        victim = victims.lowest(verdict)
-        assert victim is not None, "the reachable bytes said a victim exists"
-        self.inflation = max(self.inflation, self.policy(victim)[0])
-        return victim
+    def _choose(self, victims: Victims[Node[P]], need: int, verdict: Callable[[Node[P], set[int]], Verdict],
+                above: Callable[[Node[P]], Node[P] | None]) -> list[Node[P]] | None:  # fmt: skip
+        """Victims, lowest priority first, until their bytes cover `need`, evicting nothing yet:
+        each one chosen may make the node `above` it a leaf, which is offered and may be chosen
+        next (leaves first, as if evicted one by one). None, with every offer back, when all that
+        may go does not cover `need`. The last victim's first priority becomes the inflation clock.
+        O(log n) per node passed, so an admission that evicts k runs costs O(k log n)."""
+        chosen: list[Node[P]] = []
+        gone: set[int] = set()
+        while need > 0:
+            victim = victims.lowest(lambda node: verdict(node, gone))
+            if victim is None:
+                for node in chosen:
+                    victims.offer(node)
+                return None
+            chosen.append(victim)
+            gone.add(id(victim))
+            need -= victim.nbytes
+            if (parent := above(victim)) is not None and parent.parent is not None:
+                victims.offer(parent)
+        for node in chosen:
+            self.inflation = max(self.inflation, self.policy(node)[0])
+        return chosen
 
     def _evict_from_memory(self, node: Node[P]) -> Eviction:
         if node.disk == "stored":
@@ -343,21 +359,6 @@ class KVTree(DiskCopies[P]):
             node = stack.pop()
             yield node
             stack.extend(node.children)
-
-    def _reachable_bytes(self, may_go: Callable[[Node[P]], bool], counted: Callable[[Node[P]], bool]) -> int:
-        """Bytes leaf-first eviction can reach: of `counted` nodes that may go and have nothing
-        below them that may not (a parent never goes before its children). One walk: it runs
-        only when room must be made."""
-
-        def free_below(node: Node[P]) -> tuple[bool, int]:
-            free, total = may_go(node), 0
-            for child in node.children:
-                child_free, child_bytes = free_below(child)
-                free &= child_free
-                total += child_bytes
-            return free, total + (node.nbytes if free and counted(node) else 0)
-
-        return sum(free_below(child)[1] for root in self._roots.values() for child in root.children)
 
     def _unlink(self, node: Node[P]) -> None:
         """Take `node` and its subtree out of the tree, forgetting their disk copies."""

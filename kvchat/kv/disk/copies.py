@@ -49,20 +49,17 @@ class DiskCopies(Generic[P]):
             if need <= 0:
                 return []
             kept = {id(node) for node in keep}
-            droppable = self._reachable_bytes(lambda n: id(n) not in kept and n.disk != "writing",
-                                              lambda n: n.disk == "stored")  # fmt: skip
-            if droppable < need:
-                return None
 
-            def verdict(node: Node[P]) -> Verdict:
-                if node.parent is None or node.disk != "stored" or not disk_leaf(node):
-                    return "never"
+            def verdict(node: Node[P], gone: set[int]) -> Verdict:
+                if node.parent is None or node.disk != "stored" or id(node) in gone or not disk_leaf(node, gone):
+                    return "never"  # offered again when the copies below it go
                 return "not now" if id(node) in kept else "victim"
 
+            chosen = self._choose(self._disk, need, verdict, self._stored_ancestor)
+            if chosen is None:
+                return None
             evicted: list[Eviction] = []
-            while need > 0:
-                leaf = self._lowest(self._disk, verdict)
-                need -= leaf.nbytes
+            for leaf in chosen:
                 evicted.append(Eviction(display_key(leaf), leaf.nbytes, len(leaf.token_ids), tier="disk"))
                 if leaf.in_memory:
                     self._drop_disk_copy(leaf)
@@ -120,15 +117,19 @@ class DiskCopies(Generic[P]):
 
     def _offer_stored_ancestor(self, node: Node[P]) -> None:
         """A copy at or below `node` went: the nearest stored ancestor may now be a disk leaf."""
+        if (ancestor := self._stored_ancestor(node)) is not None:
+            self._disk.offer(ancestor)
+
+    @staticmethod
+    def _stored_ancestor(node: Node[P]) -> Node[P] | None:
         ancestor = node.parent
         while ancestor is not None and ancestor.parent is not None and ancestor.disk != "stored":
             ancestor = ancestor.parent
-        if ancestor is not None and ancestor.parent is not None:
-            self._disk.offer(ancestor)
+        return ancestor if ancestor is not None and ancestor.parent is not None else None
 
     # provided by KVTree
     def _parent_for(self, scope: str, parent: Node[P] | None) -> Node[P]: ...
     def _attach(self, node: Node[P]) -> None: ...
     def _unlink(self, node: Node[P]) -> None: ...
-    def _lowest(self, victims: Victims[Node[P]], verdict: Callable[[Node[P]], Verdict]) -> Node[P]: ...
-    def _reachable_bytes(self, may_go: Callable[[Node[P]], bool], counted: Callable[[Node[P]], bool]) -> int: ...
+    def _choose(self, victims: Victims[Node[P]], need: int, verdict: Callable[[Node[P], set[int]], Verdict],
+                above: Callable[[Node[P]], Node[P] | None]) -> list[Node[P]] | None: ...  # fmt: skip

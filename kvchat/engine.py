@@ -24,6 +24,7 @@ from kvchat.errors import Busy, GenerationError, InputError
 from kvchat.generation import Generation
 from kvchat.kv.attention import kv_layout
 from kvchat.kv.disk.store import FORMAT
+from kvchat.kv.disk.tier import DiskTier
 from kvchat.kv.eviction import policy_named
 from kvchat.kv.manager import Allocation, KVManager
 from kvchat.kv.node import Node, display_key
@@ -93,7 +94,6 @@ class Engine:
                 Path(options.disk_dir), self._fingerprint, len(layout), options.disk_budget_bytes,
                 options.persist_sessions, loaded.device, loaded.dtype,
             )  # fmt: skip
-        self.disk = self.kv.disk
         self._scheduler = Scheduler(forward, self.kv, self._finish, options.max_batch, options.prefill_chunk_tokens)
         self._closed = threading.Event()
         if options.session_ttl_s:
@@ -301,6 +301,11 @@ class Engine:
     def pinned_bytes(self) -> int:
         """Bytes of warm presets pinned in memory for good (a pinned node never leaves memory)."""
         return sum(node.nbytes for node in self._pinned)
+
+    @property
+    def disk(self) -> DiskTier | None:
+        """The disk tier, when there is one (`KVManager.open_disk`)."""
+        return self.kv.disk
 
     @property
     def disk_problem(self) -> str | None:

@@ -28,6 +28,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from kvchat.kv.attention import Row
 from kvchat.kv.disk.store import DiskStore, DiskUnavailable
 from kvchat.kv.disk.tier import DiskTier
@@ -122,7 +124,7 @@ class KVManager:
         self.disk_note: str | None = None  # why there is no disk tier
 
     def open_disk(self, directory: Path, fingerprint: str, layers: int, budget_bytes: int,
-                  persist_sessions: bool, device, dtype) -> int:  # fmt: skip
+                  persist_sessions: bool, device: torch.device, dtype: torch.dtype) -> int:  # fmt: skip
         """Open the disk tier and hang what it holds in the tree; returns how many runs it found.
         Without it (unwritable, in use by another process) the reason is kept and serving goes on."""
         try:

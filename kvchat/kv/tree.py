@@ -348,10 +348,11 @@ class KVTree(DiskCopies[P]):
         return eviction
 
     def _offer_parent(self, node: Node[P]) -> None:
-        """`node` left a tier: its parent may now be a leaf of it."""
+        """`node` left memory: its parent may now be a memory leaf. (A disk copy's going is
+        `_offer_stored_ancestor`'s: the nearest stored ancestor, which need not be the parent.)"""
         parent = node.parent
-        if parent is not None and parent.parent is not None:
-            self._offer(parent)
+        if parent is not None and parent.parent is not None and parent.in_memory:
+            self._memory.offer(parent)
 
     def _walk(self) -> Iterator[Node[P]]:
         stack = [child for root in self._roots.values() for child in root.children]
